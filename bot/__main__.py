@@ -1,0 +1,129 @@
+"""python -m bot: load config, open the store, load the policy, run the adapter(s).
+
+    python -m bot                       console playground (no platforms configured)
+    python -m bot --config my.toml      Discord and/or Slack, as `platforms` says
+    python -m bot --check-config        validate the config and exit
+    python -m bot --with-trainer        also start `python -m trainer` beside the bot
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bot.config import Config, ConfigError, load_config
+
+log = logging.getLogger("bot")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bot", description="reactlearn chat bot")
+    p.add_argument("--config", type=Path, help="TOML config file (default: $REACTLEARN_CONFIG, else built-in defaults)")
+    p.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
+    p.add_argument("--with-trainer", action="store_true", help="start the trainer process beside the bot")
+    return p.parse_args(argv)
+
+
+def setup_logging(cfg: Config, console: bool) -> None:
+    """Console mode logs to data_dir/bot.log (the terminal is the chat); otherwise to stderr."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    level = getattr(logging, cfg.log_level.upper())
+    handlers: list[logging.Handler] = []
+    if console:
+        Path(cfg.data_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(cfg.data_dir).expanduser() / "bot.log", encoding="utf-8"))
+        warn = logging.StreamHandler(sys.stderr)
+        warn.setLevel(logging.WARNING)
+        handlers.append(warn)
+    else:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+    for noisy in ("discord.gateway", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def summary(cfg: Config) -> str:
+    platforms = ", ".join(cfg.platforms) or "console playground"
+    secrets = {name: ("set" if getattr(cfg, name) else "not set")
+               for name in ("discord_token", "slack_bot_token", "slack_app_token")}
+    return (f"config OK: platforms={platforms}; model={cfg.model.name}; data_dir={cfg.data_dir}; "
+            f"secrets: {', '.join(f'{k} {v}' for k, v in secrets.items())}")
+
+
+async def serve(cfg: Config) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from bot.chat import ChatCore
+    from bot.policy import Policy
+    from bot.store import Store
+
+    hf_logging.disable_progress_bar()
+    store = await Store.open(cfg.db_path)
+    log.info("store %s ready; loading model %s", cfg.db_path, cfg.model.name)
+    policy = await asyncio.to_thread(Policy.from_config, cfg)
+    core = ChatCore(cfg, store, policy)
+    await core.sync_version()        # start on the registry's active version
+    try:
+        if not cfg.platforms:
+            from bot.adapters.console import run_console
+
+            await run_console(core)
+            return
+        runners, posters = [], {}
+        if "discord" in cfg.platforms:
+            from bot.adapters.discord import DiscordAdapter
+
+            d = DiscordAdapter(core, cfg)
+            runners.append(d.start(cfg.discord_token))
+            posters["discord"] = d.post
+        if "slack" in cfg.platforms:
+            from bot.adapters.slack import SlackAdapter
+
+            s = SlackAdapter(core, cfg)
+            runners.append(s.start(cfg.slack_bot_token, cfg.slack_app_token))
+            posters["slack"] = s.post
+        await asyncio.gather(core.run_background(posters), *runners)
+    finally:
+        policy.close()
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(summary(cfg))
+        return 0
+    setup_logging(cfg, console=not cfg.platforms)
+    log.info(summary(cfg))
+    trainer = None
+    if args.with_trainer:
+        cmd = [sys.executable, "-m", "trainer"] + (["--config", str(args.config)] if args.config else [])
+        trainer_log = open(Path(cfg.data_dir).expanduser() / "trainer.log", "ab") if not cfg.platforms else None
+        trainer = subprocess.Popen(cmd, env=os.environ.copy(), stdout=trainer_log, stderr=trainer_log)
+        log.info("trainer started (pid %d)", trainer.pid)
+    try:
+        asyncio.run(serve(cfg))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if trainer is not None:
+            trainer.terminate()
+            try:
+                trainer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                trainer.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

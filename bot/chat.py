@@ -1,0 +1,267 @@
+"""The platform-free chat core: when to reply, context, recording, reactions, commands.
+
+Adapters translate platform events into ``bot.events`` payloads and call:
+
+    reply_id = await core.on_message(msg, history, send)   # send(text) -> [platform ids]
+    outcome  = await core.on_reaction(reaction)
+    result   = await core.on_command(command)
+    await core.run_background({"discord": post})            # hot-swap + posting train results
+
+A reply is written to the store before it is sent, so a crash while sending loses
+nothing the trainer needs; the platform ids are linked once the send returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from typing import Awaitable, Callable
+
+from bot.config import Config
+from bot.events import Command, CommandResult, HistoryItem, Message, Reaction
+from bot.policy import Busy, Policy, Turn, VersionError
+from bot.rewards import RewardMap, canonical
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str], Awaitable[list[str]]]
+Post = Callable[[str, str], Awaitable[None]]      # (channel_id, text)
+
+BUSY_TEXT = "I'm busy with other replies right now; please try again in a moment."
+ERROR_TEXT = "Sorry, something went wrong while I was thinking. Please try again."
+EMPTY_TEXT = "…"
+ADMIN_COMMANDS = {"retrain", "rollback"}
+
+
+class ChatCore:
+    def __init__(self, cfg: Config, store: Store, policy: Policy):
+        self.cfg = cfg
+        self.store = store
+        self.policy = policy
+        self.rewards = RewardMap(cfg.rewards.emoji)
+        self._recent: dict[tuple[str, str], deque] = defaultdict(deque)   # rate limit windows
+        self._failed: dict[int, str] = {}     # version → sha256 that failed to load (not retried)
+        self.serving_error = ""
+
+    # -- messages -------------------------------------------------------------
+
+    def wants_reply(self, msg: Message) -> bool:
+        if msg.author_is_bot:
+            return False
+        if msg.platform == "console" or msg.mentions_bot or msg.replies_to_bot:
+            return True
+        if msg.is_dm:
+            return self.cfg.chat.reply_in_dms
+        return msg.channel_id in {str(c) for c in self.cfg.chat.channels}
+
+    def _rate_limited(self, msg: Message) -> bool:
+        limit = self.cfg.chat.rate_limit_per_minute
+        if limit <= 0 or msg.platform == "console":
+            return False
+        window, now = self._recent[(msg.platform, msg.author_id)], time.monotonic()
+        while window and now - window[0] > 60:
+            window.popleft()
+        if len(window) >= limit:
+            return True
+        window.append(now)
+        return False
+
+    def turns(self, msg: Message, history: list[HistoryItem]) -> list[Turn]:
+        """The conversation the model sees: recent history, then the message, newest last."""
+        keep = history[-self.cfg.chat.history_messages:] if self.cfg.chat.history_messages else []
+        turns = [Turn("assistant", h.text) if h.from_bot else Turn("user", self._clip(h.text), h.author_name)
+                 for h in keep]
+        return turns + [Turn("user", self._clip(msg.text), msg.author_name)]
+
+    def _clip(self, text: str) -> str:
+        limit = self.cfg.chat.max_message_chars
+        return text if len(text) <= limit else text[-limit:]
+
+    async def on_message(self, msg: Message, history: list[HistoryItem], send: Send) -> int | None:
+        """Answer ``msg`` if it is addressed to the bot. Returns the reply id, or None."""
+        if not self.wants_reply(msg):
+            return None
+        if self._rate_limited(msg):
+            log.info("rate limit: %s/%s", msg.platform, msg.author_id)
+            await send(f"You're writing faster than I can learn; try again in a minute "
+                       f"(limit {self.cfg.chat.rate_limit_per_minute}/min).")
+            return None
+        message_row = await self.store.add_message(msg.platform, msg.message_id, msg.channel_id, msg.author_id,
+                                                   msg.author_name, self._clip(msg.text))
+        try:
+            gen = await self.policy.generate(self.turns(msg, history))
+        except Busy:
+            log.warning("busy: queue full, told %s/%s to retry", msg.platform, msg.author_id)
+            await send(BUSY_TEXT)
+            return None
+        except Exception:  # noqa: BLE001 - a failed generation must still answer the person
+            log.exception("generation failed for message %s", msg.message_id)
+            await send(ERROR_TEXT)
+            return None
+        reply_id = await self.store.add_reply(
+            msg.platform, msg.channel_id, message_row, gen.version, gen.text, gen.prompt_ids, gen.output_ids,
+            gen.logprobs, gen.temperature, gen.top_p, gen.max_new_tokens)
+        platform_ids = await send(gen.text or EMPTY_TEXT)
+        for pid in platform_ids:
+            await self.store.link_reply_message(reply_id, msg.platform, pid)
+        log.info("reply #%d on %s/%s by v%d: %d tokens in %.1fs", reply_id, msg.platform, msg.channel_id,
+                 gen.version, len(gen.output_ids), gen.seconds)
+        return reply_id
+
+    # -- reactions ------------------------------------------------------------
+
+    async def on_reaction(self, r: Reaction) -> str:
+        """Record or remove a vote. Returns what happened (for logs and tests)."""
+        if r.user_is_bot:
+            return "ignored: reaction by a bot"
+        value = self.rewards.value(r.emoji)
+        if value is None:
+            return "ignored: not a voting emoji"
+        reply_id = await self.store.reply_for_message(r.platform, r.message_id)
+        if reply_id is None:
+            return "ignored: not one of the bot's replies"
+        return await self.vote(reply_id, r.user_id, r.emoji, value if r.added else None)
+
+    async def vote(self, reply_id: int, user_id: str, emoji: str, value: float | None) -> str:
+        """Set (value) or remove (None) one user's emoji on a reply."""
+        emoji = canonical(emoji)
+        if value is None:
+            removed = await self.store.remove_vote(reply_id, user_id, emoji)
+            log.info("vote removed: reply #%d user %s %s", reply_id, user_id, emoji)
+            return "removed" if removed else "ignored: no such vote"
+        await self.store.set_vote(reply_id, user_id, emoji, value)
+        log.info("vote: reply #%d user %s %s (%+.1f)", reply_id, user_id, emoji, value)
+        return "added"
+
+    # -- commands -------------------------------------------------------------
+
+    def is_admin(self, c: Command) -> bool:
+        chat = self.cfg.chat
+        return (c.platform == "console" or c.is_platform_admin
+                or c.user_id in {str(u) for u in chat.admin_user_ids}
+                or bool(set(c.role_ids) & {str(r) for r in chat.admin_role_ids}))
+
+    async def on_command(self, c: Command) -> CommandResult:
+        admin = self.is_admin(c)
+        if c.name in ADMIN_COMMANDS and not admin:
+            log.info("refused /%s for non-admin %s/%s", c.name, c.platform, c.user_id)
+            return CommandResult(f"Only admins can use /{c.name}.", ok=False)
+        log.info("command /%s by %s/%s %s", c.name, c.platform, c.user_id, c.args or "")
+        if c.name == "retrain":
+            rid = await self.store.add_train_request(c.platform, c.channel_id, c.user_id)
+            return CommandResult(f"Retrain request #{rid} queued; the trainer will post the result here.", ok=True)
+        if c.name == "status":
+            return CommandResult(await self.status_text(), ok=True)
+        if c.name == "rollback":
+            return await self.rollback(c.args.get("version"))
+        if c.name == "forget":
+            target = str(c.args.get("user") or c.user_id)
+            if target != c.user_id and not admin:
+                return CommandResult("You can only forget yourself; admins can forget others.", ok=False)
+            gone = await self.store.forget_user(c.platform, target)
+            return CommandResult(f"Forgot user {target}: {gone['messages']} messages, {gone['replies']} replies, "
+                                 f"{gone['votes']} votes deleted.", ok=True)
+        return CommandResult(f"Unknown command /{c.name}. Try retrain, status, rollback or forget.", ok=False)
+
+    async def rollback(self, version) -> CommandResult:
+        try:
+            version = int(version)
+        except (TypeError, ValueError):
+            return CommandResult("Usage: /rollback VERSION (a number, see /status).", ok=False)
+        v = await self.store.get_version(version)
+        if v is None:
+            return CommandResult(f"There is no version {version}.", ok=False)
+        if v.status != "published":
+            return CommandResult(f"v{version} was rejected ({v.reason}); it can't be activated.", ok=False)
+        try:
+            await self._load(version, v.path, v.sha256)
+        except VersionError as e:
+            return CommandResult(f"Can't roll back to v{version}: {e}. Still serving v{self.policy.active_version}.",
+                                 ok=False)
+        await self.store.activate(version)
+        self.policy.activate(version)
+        await self.store.set_state("serving_version", str(version))
+        log.info("rolled back to v%d", version)
+        return CommandResult(f"Rolled back: now serving v{version}.", ok=True)
+
+    async def status_text(self) -> str:
+        s = self.store
+        counts = await s.counts()
+        active = await s.active_version()
+        ratings = await s.rating_by_version()
+        published = [v.id for v in await s.versions() if v.status == "published"]
+        previous = max([v for v in published if v < active], default=None)
+        waiting = await s.count_rated_since(await s.last_trained_reply_id(), time.time())
+        beat = await s.get_state("trainer_heartbeat")
+        age = f"{time.time() - float(beat):.0f}s ago" if beat else "never"
+        lines = [f"Active version: v{active} (serving v{self.policy.active_version})"]
+        if self.serving_error:
+            lines.append(f"Refused checkpoint: {self.serving_error}")
+        lines.append(f"Replies: {counts['replies']}, votes: {counts['votes']}, rated replies: {counts['rated']}")
+        for label, v in (("active", active), ("previous", previous)):
+            if v is not None:
+                n, rate = ratings.get(v, (0, None))
+                lines.append(f"Like-rate of {label} v{v}: " + (f"{rate:.0%} of {n} rated" if n else "no votes yet"))
+        lines.append(f"Rated replies waiting for the next round: {waiting}")
+        lines.append(f"Trainer heartbeat: {age}")
+        return "\n".join(lines)
+
+    # -- background: hot-swap and trainer results ------------------------------
+
+    async def _load(self, version: int, path: str | None, sha256: str | None) -> None:
+        if self.policy.is_loaded(version):
+            return
+        if not path or not sha256:
+            raise VersionError(f"v{version} has no files in the registry")
+        await self.policy.install_version(version, path, sha256)
+
+    async def sync_version(self) -> None:
+        """Follow the registry's active version; refuse (and remember) broken checkpoints."""
+        active = await self.store.active_version()
+        if active == self.policy.active_version:
+            return
+        v = await self.store.get_version(active)
+        if v is None or self._failed.get(active) == (v.sha256 or ""):
+            return
+        try:
+            await self._load(active, v.path, v.sha256)
+        except VersionError as e:
+            self._failed[active] = v.sha256 or ""
+            self.serving_error = f"v{active}: {e}"
+            log.error("refused v%d, still serving v%d: %s", active, self.policy.active_version, e)
+            await self.store.set_state("serving_error", self.serving_error)
+            return
+        self.policy.activate(active)
+        self.serving_error = ""
+        await self.store.set_state("serving_version", str(active))
+        await self.store.set_state("serving_error", "")
+        log.info("hot-swapped to v%d", active)
+
+    async def post_results(self, posters: dict[str, Post]) -> int:
+        """Post finished train requests back where they were asked. Returns how many."""
+        n = 0
+        for req in await self.store.unnotified_results():
+            post = posters.get(req["platform"])
+            if post is None:
+                continue
+            try:
+                await post(req["channel_id"], f"Retrain #{req['id']}: {req['result']}")
+            except Exception:  # noqa: BLE001 - try again next poll
+                log.exception("could not post result of request #%d", req["id"])
+                continue
+            await self.store.mark_notified(req["id"])
+            n += 1
+        return n
+
+    async def run_background(self, posters: dict[str, Post]) -> None:
+        """Forever: every poll interval, hot-swap if needed and post trainer results."""
+        while True:
+            try:
+                await self.sync_version()
+                await self.post_results(posters)
+            except Exception:  # noqa: BLE001 - keep polling; the next tick may succeed
+                log.exception("background poll failed")
+            await asyncio.sleep(self.cfg.serving.poll_seconds)

@@ -1,0 +1,466 @@
+"""Every SQL statement of the project, behind one small async class.
+
+Two processes share the database file (the bot and the trainer), so it runs in WAL
+mode with a busy timeout, foreign keys on, and short transactions. The schema is
+built by numbered migrations (``MIGRATIONS[i]`` takes the schema from version i to
+i + 1); ``Store.open`` applies whatever is missing, each in its own transaction.
+
+Token ids and logprobs are stored as JSON arrays: a reply has ~100 of each, the
+trainer reads them back exactly, and the file stays readable with the sqlite3 CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import aiosqlite
+
+MIGRATIONS: list[str] = [
+    # 1: the chat log, the recorded generations, votes, train requests, model versions
+    """
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        platform_message_id TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        author_id TEXT NOT NULL,
+        author_name TEXT NOT NULL DEFAULT '',
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (platform, platform_message_id)
+    );
+    CREATE INDEX messages_author ON messages (platform, author_id);
+
+    CREATE TABLE model_versions (
+        id INTEGER PRIMARY KEY,            -- version number; 0 is the base model
+        parent INTEGER REFERENCES model_versions (id),
+        path TEXT,                         -- folder of the published version; NULL for 0
+        sha256 TEXT,                       -- of the weights file
+        status TEXT NOT NULL CHECK (status IN ('published', 'rejected')),
+        reason TEXT NOT NULL DEFAULT '',   -- why it was rejected
+        metrics TEXT NOT NULL DEFAULT '{}',-- JSON
+        created_at REAL NOT NULL
+    );
+    INSERT INTO model_versions (id, parent, path, sha256, status, created_at)
+        VALUES (0, NULL, NULL, NULL, 'published', 0);
+
+    CREATE TABLE replies (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        message_id INTEGER REFERENCES messages (id) ON DELETE CASCADE,
+        version INTEGER NOT NULL REFERENCES model_versions (id),
+        text TEXT NOT NULL,
+        prompt_ids TEXT NOT NULL,          -- JSON [int]: the exact prompt the model saw
+        output_ids TEXT NOT NULL,          -- JSON [int]: the sampled tokens
+        logprobs TEXT NOT NULL,            -- JSON [float]: log p(token) at the sampling temperature
+        temperature REAL NOT NULL,
+        top_p REAL NOT NULL,
+        max_new_tokens INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX replies_created ON replies (created_at);
+
+    -- A reply may be split over several platform messages; a reaction on any part counts.
+    CREATE TABLE reply_messages (
+        platform TEXT NOT NULL,
+        platform_message_id TEXT NOT NULL,
+        reply_id INTEGER NOT NULL REFERENCES replies (id) ON DELETE CASCADE,
+        PRIMARY KEY (platform, platform_message_id)
+    );
+
+    CREATE TABLE votes (
+        reply_id INTEGER NOT NULL REFERENCES replies (id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        emoji TEXT NOT NULL,               -- canonical emoji
+        value REAL NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (reply_id, user_id, emoji)
+    );
+    CREATE INDEX votes_user ON votes (user_id);
+
+    CREATE TABLE train_requests (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'running', 'done', 'failed')),
+        result TEXT NOT NULL DEFAULT '',
+        finished_at REAL,
+        notified_at REAL
+    );
+
+    CREATE TABLE rounds (
+        id INTEGER PRIMARY KEY,
+        request_id INTEGER REFERENCES train_requests (id) ON DELETE SET NULL,
+        version INTEGER REFERENCES model_versions (id),
+        parent INTEGER,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        n_replies INTEGER NOT NULL DEFAULT 0,
+        mean_reward REAL,
+        kl REAL,
+        loss REAL,
+        status TEXT NOT NULL DEFAULT 'running'
+            CHECK (status IN ('running', 'published', 'rejected', 'skipped', 'failed')),
+        reason TEXT NOT NULL DEFAULT ''
+    );
+
+    -- Small shared facts: active_version, trainer_heartbeat, serving_version, serving_error.
+    CREATE TABLE state (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT INTO state (key, value) VALUES ('active_version', '0');
+    """,
+]
+
+
+@dataclass
+class ReplyRecord:
+    """One generated reply with everything the trainer needs to learn from it."""
+
+    id: int
+    platform: str
+    channel_id: str
+    version: int
+    text: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[float]
+    temperature: float
+    top_p: float
+    created_at: float
+    reward: float | None = None   # mean of the per-user values; None when unrated
+    n_voters: int = 0
+
+
+@dataclass
+class Version:
+    id: int
+    parent: int | None
+    path: str | None
+    sha256: str | None
+    status: str
+    reason: str
+    metrics: dict
+    created_at: float
+
+
+class Store:
+    """Async access to the SQLite file. Open with ``await Store.open(path)``."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path):
+        self.db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout_ms: int = 10_000) -> "Store":
+        path = Path(path)
+        if readonly:
+            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+        db.row_factory = aiosqlite.Row
+        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        store = cls(db, path)
+        if not readonly:
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            try:
+                await store.migrate()
+            except BaseException:
+                await db.close()
+                raise
+        return store
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- schema ---------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        await self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = await self._one("SELECT MAX(version) AS v FROM schema_version")
+        return row["v"] or 0
+
+    async def migrate(self) -> int:
+        """Apply the missing migrations in order; returns the new schema version."""
+        current = await self.schema_version()
+        if current > len(MIGRATIONS):
+            raise RuntimeError(f"database {self.path} has schema {current}, newer than this code "
+                               f"({len(MIGRATIONS)}). Upgrade reactlearn.")
+        for number in range(current + 1, len(MIGRATIONS) + 1):
+            # executescript commits first, so run each statement inside our own transaction
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _statements(MIGRATIONS[number - 1]):
+                    await self.db.execute(stmt)
+                await self.db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return len(MIGRATIONS)
+
+    async def tables(self) -> dict[str, list[str]]:
+        """Table name → column names (for tests and `status`)."""
+        out = {}
+        async with self.db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name") as cur:
+            names = [r["name"] for r in await cur.fetchall()]
+        for name in names:
+            async with self.db.execute(f"PRAGMA table_info({name})") as cur:
+                out[name] = [r["name"] for r in await cur.fetchall()]
+        return out
+
+    # -- helpers --------------------------------------------------------------
+
+    async def _one(self, sql: str, args: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        async with self.db.execute(sql, tuple(args)) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        async with self.db.execute(sql, tuple(args)) as cur:
+            return list(await cur.fetchall())
+
+    async def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
+        """One statement in its own short transaction; returns lastrowid (or rowcount for updates)."""
+        async with self.db.execute(sql, tuple(args)) as cur:
+            return cur.lastrowid if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
+
+    # -- messages and replies -------------------------------------------------
+
+    async def add_message(self, platform: str, platform_message_id: str, channel_id: str,
+                          author_id: str, author_name: str, text: str, created_at: float | None = None) -> int:
+        """Record an incoming message (idempotent on the platform id); returns its row id."""
+        await self._write(
+            "INSERT OR IGNORE INTO messages (platform, platform_message_id, channel_id, author_id, author_name, text, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (platform, platform_message_id, channel_id, author_id, author_name, text, created_at or time.time()))
+        row = await self._one("SELECT id FROM messages WHERE platform = ? AND platform_message_id = ?",
+                              (platform, platform_message_id))
+        return row["id"]
+
+    async def add_reply(self, platform: str, channel_id: str, message_id: int | None, version: int, text: str,
+                        prompt_ids: list[int], output_ids: list[int], logprobs: list[float],
+                        temperature: float, top_p: float, max_new_tokens: int,
+                        created_at: float | None = None) -> int:
+        return await self._write(
+            "INSERT INTO replies (platform, channel_id, message_id, version, text, prompt_ids, output_ids, logprobs,"
+            " temperature, top_p, max_new_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (platform, channel_id, message_id, version, text, json.dumps(prompt_ids), json.dumps(output_ids),
+             json.dumps([round(x, 6) for x in logprobs]), temperature, top_p, max_new_tokens,
+             created_at or time.time()))
+
+    async def link_reply_message(self, reply_id: int, platform: str, platform_message_id: str) -> None:
+        await self._write("INSERT OR REPLACE INTO reply_messages (platform, platform_message_id, reply_id) VALUES (?, ?, ?)",
+                          (platform, platform_message_id, reply_id))
+
+    async def reply_for_message(self, platform: str, platform_message_id: str) -> int | None:
+        row = await self._one("SELECT reply_id FROM reply_messages WHERE platform = ? AND platform_message_id = ?",
+                              (platform, platform_message_id))
+        return row["reply_id"] if row else None
+
+    async def get_reply(self, reply_id: int) -> ReplyRecord | None:
+        rows = await self._replies("WHERE r.id = ?", (reply_id,))
+        return rows[0] if rows else None
+
+    async def latest_reply_id(self, platform: str, channel_id: str) -> int | None:
+        row = await self._one("SELECT MAX(id) AS id FROM replies WHERE platform = ? AND channel_id = ?",
+                              (platform, channel_id))
+        return row["id"]
+
+    async def _replies(self, where: str, args: Iterable[Any], order: str = "ORDER BY r.id") -> list[ReplyRecord]:
+        rows = await self._all(
+            "SELECT r.*, (SELECT AVG(uv) FROM (SELECT MAX(-1.0, MIN(1.0, SUM(value))) AS uv FROM votes v"
+            "   WHERE v.reply_id = r.id GROUP BY user_id)) AS reward,"
+            " (SELECT COUNT(DISTINCT user_id) FROM votes v WHERE v.reply_id = r.id) AS n_voters"
+            f" FROM replies r {where} {order}", args)
+        return [ReplyRecord(id=r["id"], platform=r["platform"], channel_id=r["channel_id"], version=r["version"],
+                            text=r["text"], prompt_ids=json.loads(r["prompt_ids"]),
+                            output_ids=json.loads(r["output_ids"]), logprobs=json.loads(r["logprobs"]),
+                            temperature=r["temperature"], top_p=r["top_p"], created_at=r["created_at"],
+                            reward=r["reward"], n_voters=r["n_voters"]) for r in rows]
+
+    async def rated_replies(self, settled_before: float, since_id: int = 0, limit: int = 10_000) -> list[ReplyRecord]:
+        """Replies with at least one vote, created before ``settled_before``, newest ``limit`` of them."""
+        rows = await self._replies(
+            "WHERE r.created_at <= ? AND r.id > ? AND EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)",
+            (settled_before, since_id, limit), order="ORDER BY r.id DESC LIMIT ?")
+        return rows[::-1]
+
+    async def count_rated_since(self, after_reply_id: int, settled_before: float) -> int:
+        row = await self._one(
+            "SELECT COUNT(*) AS n FROM replies r WHERE r.id > ? AND r.created_at <= ?"
+            " AND EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)", (after_reply_id, settled_before))
+        return row["n"]
+
+    # -- votes ----------------------------------------------------------------
+
+    async def set_vote(self, reply_id: int, user_id: str, emoji: str, value: float) -> None:
+        await self._write("INSERT OR REPLACE INTO votes (reply_id, user_id, emoji, value, created_at) VALUES (?, ?, ?, ?, ?)",
+                          (reply_id, user_id, emoji, value, time.time()))
+
+    async def remove_vote(self, reply_id: int, user_id: str, emoji: str) -> bool:
+        return await self._write("DELETE FROM votes WHERE reply_id = ? AND user_id = ? AND emoji = ?",
+                                 (reply_id, user_id, emoji)) > 0
+
+    async def votes_for(self, reply_id: int) -> list[tuple[str, str, float]]:
+        rows = await self._all("SELECT user_id, emoji, value FROM votes WHERE reply_id = ? ORDER BY user_id, emoji",
+                               (reply_id,))
+        return [(r["user_id"], r["emoji"], r["value"]) for r in rows]
+
+    # -- versions -------------------------------------------------------------
+
+    async def active_version(self) -> int:
+        return int(await self.get_state("active_version", "0"))
+
+    async def get_version(self, version: int) -> Version | None:
+        r = await self._one("SELECT * FROM model_versions WHERE id = ?", (version,))
+        return _version(r) if r else None
+
+    async def versions(self) -> list[Version]:
+        return [_version(r) for r in await self._all("SELECT * FROM model_versions ORDER BY id")]
+
+    async def next_version_id(self) -> int:
+        row = await self._one("SELECT MAX(id) AS v FROM model_versions")
+        return row["v"] + 1
+
+    async def add_version(self, version: int, parent: int | None, path: str | None, sha256: str | None,
+                          status: str, metrics: dict, reason: str = "", activate: bool = False) -> None:
+        """Register a version and (optionally) make it active, in one transaction."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute(
+                "INSERT INTO model_versions (id, parent, path, sha256, status, reason, metrics, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (version, parent, path, sha256, status, reason, json.dumps(metrics), time.time()))
+            if activate:
+                await self.db.execute("UPDATE state SET value = ? WHERE key = 'active_version'", (str(version),))
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def activate(self, version: int) -> Version:
+        """Make a published version active. Raises ValueError for unknown or rejected versions."""
+        v = await self.get_version(version)
+        if v is None:
+            raise ValueError(f"version {version} does not exist")
+        if v.status != "published":
+            raise ValueError(f"version {version} was rejected ({v.reason or 'no reason recorded'}) and cannot be activated")
+        await self.set_state("active_version", str(version))
+        return v
+
+    async def rating_by_version(self) -> dict[int, tuple[int, float | None]]:
+        """version → (rated replies, like rate = share of rated replies with reward > 0)."""
+        rows = await self._all(
+            "SELECT version, COUNT(*) AS n, AVG(CASE WHEN reward > 0 THEN 1.0 ELSE 0.0 END) AS like_rate FROM ("
+            "  SELECT r.version, (SELECT AVG(uv) FROM (SELECT MAX(-1.0, MIN(1.0, SUM(value))) AS uv FROM votes v"
+            "     WHERE v.reply_id = r.id GROUP BY user_id)) AS reward FROM replies r"
+            "  WHERE EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)) GROUP BY version")
+        return {r["version"]: (r["n"], r["like_rate"]) for r in rows}
+
+    # -- train requests and rounds ------------------------------------------
+
+    async def add_train_request(self, platform: str, channel_id: str, requested_by: str) -> int:
+        return await self._write("INSERT INTO train_requests (platform, channel_id, requested_by, created_at) VALUES (?, ?, ?, ?)",
+                                 (platform, channel_id, requested_by, time.time()))
+
+    async def train_requests(self, status: str | None = None) -> list[dict]:
+        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+        return [dict(r) for r in await self._all(f"SELECT * FROM train_requests {where} ORDER BY id", args)]
+
+    async def set_request_status(self, request_id: int, status: str, result: str = "") -> None:
+        finished = time.time() if status in ("done", "failed") else None
+        await self._write("UPDATE train_requests SET status = ?, result = ?, finished_at = ? WHERE id = ?",
+                          (status, result, finished, request_id))
+
+    async def unnotified_results(self) -> list[dict]:
+        return [dict(r) for r in await self._all(
+            "SELECT * FROM train_requests WHERE status IN ('done', 'failed') AND notified_at IS NULL ORDER BY id")]
+
+    async def mark_notified(self, request_id: int) -> None:
+        await self._write("UPDATE train_requests SET notified_at = ? WHERE id = ?", (time.time(), request_id))
+
+    async def start_round(self, request_id: int | None, parent: int) -> int:
+        return await self._write("INSERT INTO rounds (request_id, parent, started_at) VALUES (?, ?, ?)",
+                                 (request_id, parent, time.time()))
+
+    async def finish_round(self, round_id: int, *, status: str, version: int | None = None, n_replies: int = 0,
+                           mean_reward: float | None = None, kl: float | None = None, loss: float | None = None,
+                           reason: str = "") -> None:
+        await self._write(
+            "UPDATE rounds SET status = ?, version = ?, n_replies = ?, mean_reward = ?, kl = ?, loss = ?, reason = ?,"
+            " finished_at = ? WHERE id = ?",
+            (status, version, n_replies, mean_reward, kl, loss, reason, time.time(), round_id))
+
+    async def rounds(self) -> list[dict]:
+        return [dict(r) for r in await self._all("SELECT * FROM rounds ORDER BY id")]
+
+    async def last_trained_reply_id(self) -> int:
+        """Highest reply id used by a published round (stored in the version metrics)."""
+        row = await self._one("SELECT MAX(json_extract(metrics, '$.last_reply_id')) AS v FROM model_versions")
+        return int(row["v"] or 0)
+
+    # -- state and counts -----------------------------------------------------
+
+    async def get_state(self, key: str, default: str | None = None) -> str | None:
+        row = await self._one("SELECT value FROM state WHERE key = ?", (key,))
+        return row["value"] if row else default
+
+    async def set_state(self, key: str, value: str) -> None:
+        await self._write("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+    async def counts(self) -> dict[str, int]:
+        row = await self._one(
+            "SELECT (SELECT COUNT(*) FROM messages) AS messages, (SELECT COUNT(*) FROM replies) AS replies,"
+            " (SELECT COUNT(*) FROM votes) AS votes,"
+            " (SELECT COUNT(*) FROM replies r WHERE EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)) AS rated")
+        return dict(row)
+
+    # -- deletion -------------------------------------------------------------
+
+    async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
+        """Delete a user's messages, the replies that answered them (their prompts hold the
+        user's words), and the user's votes. Returns how many rows of each went."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [r["id"] for r in await self._all(
+                "SELECT id FROM messages WHERE platform = ? AND author_id = ?", (platform, user_id))]
+            marks = ",".join("?" * len(ids))
+            replies = 0
+            if ids:
+                async with self.db.execute(f"DELETE FROM replies WHERE message_id IN ({marks})", ids) as cur:
+                    replies = cur.rowcount
+            async with self.db.execute(
+                    "DELETE FROM votes WHERE user_id = ? AND reply_id IN (SELECT id FROM replies WHERE platform = ?)",
+                    (user_id, platform)) as cur:
+                votes = cur.rowcount
+            async with self.db.execute("DELETE FROM messages WHERE platform = ? AND author_id = ?",
+                                       (platform, user_id)) as cur:
+                messages = cur.rowcount
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return {"messages": messages, "replies": replies, "votes": votes}
+
+
+def _version(r: aiosqlite.Row) -> Version:
+    return Version(id=r["id"], parent=r["parent"], path=r["path"], sha256=r["sha256"], status=r["status"],
+                   reason=r["reason"], metrics=json.loads(r["metrics"]), created_at=r["created_at"])
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (no ';' inside our string literals)."""
+    lines = [ln.split("--", 1)[0] for ln in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

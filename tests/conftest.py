@@ -1,0 +1,66 @@
+"""Shared fixtures: a real SQLite file, a tiny real model, the real chat core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from bot.chat import ChatCore
+from bot.config import Config, build
+from bot.policy import Policy
+from bot.store import Store
+from tests.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def make_config(tmp_path: Path, model_dir: Path, **sections) -> Config:
+    """A Config for tests: temp data dir, the tiny model, short replies; override per section."""
+    data = {"data_dir": str(tmp_path / "data"),
+            "model": {"name": str(model_dir), "max_context_tokens": 256, "system_prompt": "Be brief."},
+            "sampling": {"max_new_tokens": 12},
+            "serving": {"poll_seconds": 0.2}}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return build(Config, data)
+
+
+@pytest.fixture
+def cfg(tmp_path, tiny_model_dir) -> Config:
+    return make_config(tmp_path, tiny_model_dir)
+
+
+@pytest_asyncio.fixture
+async def store(cfg):
+    s = await Store.open(cfg.db_path)
+    yield s
+    await s.close()
+
+
+@pytest.fixture(scope="session")
+def shared_policy(tiny_model_dir, tmp_path_factory):
+    """One tiny policy for tests that only generate (loading is cheap, but threads add up)."""
+    cfg = make_config(tmp_path_factory.mktemp("p"), tiny_model_dir)
+    p = Policy.from_config(cfg)
+    yield p
+    p.close()
+
+
+@pytest_asyncio.fixture
+async def policy(cfg):
+    p = Policy.from_config(cfg)
+    yield p
+    p.close()
+
+
+@pytest_asyncio.fixture
+async def core(cfg, store, policy):
+    return ChatCore(cfg, store, policy)

@@ -1,0 +1,96 @@
+"""The console playground driven through a pipe, as a person would script it."""
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, model_dir: Path, extra: str = "") -> Path:
+    path = tmp_path / "reactlearn.toml"
+    path.write_text(f'data_dir = "{tmp_path / "data"}"\n\n[model]\nname = "{model_dir}"\n\n'
+                    f'[sampling]\nmax_new_tokens = 8\n{extra}')
+    return path
+
+
+def run_bot(args, stdin="", env_extra=None, timeout=120):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_console_through_a_pipe(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    script = "hello there\n+\nwhat is the weather like?\n/down 1\n-\n/status\n/up 99\n/rollback 7\n/quit\n"
+    out = run_bot(["--config", str(config)], stdin=script)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("bot [#1]> ")
+    assert "(👍 on #1)" in lines
+    assert any(line.startswith("bot [#2]> ") for line in lines)
+    assert "(👎 on #1)" in lines and "(👎 on #2)" in lines
+    assert "Replies: 2, votes: 2, rated replies: 2" in out.stdout
+    assert "(there is no reply #99)" in lines
+    assert "There is no version 7." in lines
+    db = sqlite3.connect(tmp_path / "data" / "reactlearn.sqlite3")
+    votes = db.execute("SELECT reply_id, user_id, emoji, value FROM votes ORDER BY reply_id").fetchall()
+    assert votes == [(1, "you", "👎", -1.0), (2, "you", "👎", -1.0)]      # /down replaced the earlier +
+    prompt, output, logprobs = db.execute("SELECT prompt_ids, output_ids, logprobs FROM replies WHERE id = 1").fetchone()
+    assert len(prompt) > 2 and output.count(",") == logprobs.count(",")
+    assert (tmp_path / "data" / "bot.log").read_text().count("bot.chat: reply #") == 2
+
+
+def test_console_retrain_and_forget(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    out = run_bot(["--config", str(config)], stdin="hi\n/retrain\n/forget\n/status\n")
+    assert out.returncode == 0, out.stderr
+    assert "Retrain request #1 queued" in out.stdout
+    assert "Forgot user you: 1 messages, 1 replies, 0 votes deleted." in out.stdout
+    assert "Replies: 0, votes: 0" in out.stdout
+
+
+@pytest.mark.parametrize("toml, env, message", [
+    ('[model]\nnmae = "x"\n', {}, "unknown setting 'model.nmae'"),
+    ('[sampling]\ntemperature = "hot"\n', {}, "'sampling.temperature' must be float"),
+    ('platforms = ["discord"]\n', {}, "DISCORD_TOKEN is not set"),
+    ('platforms = ["irc"]\n', {}, "unknown platform 'irc'"),
+    ('[sampling\n', {}, "is not valid TOML"),
+])
+def test_bad_config_names_the_key_and_the_fix(tmp_path, toml, env, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    out = run_bot(["--config", str(path), "--check-config"], env_extra=env)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
+def test_check_config_never_prints_secrets(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text('platforms = ["discord"]\n')
+    out = run_bot(["--config", str(path), "--check-config"], env_extra={"DISCORD_TOKEN": "sekrit-token-123"})
+    assert out.returncode == 0, out.stderr
+    assert "discord_token set" in out.stdout
+    assert "sekrit" not in out.stdout + out.stderr
+
+
+def test_example_config_is_valid_and_covers_every_setting():
+    import dataclasses
+
+    from bot.config import Config, load_config
+
+    example = ROOT / "reactlearn.example.toml"
+    cfg = load_config(example, env={})
+    text = example.read_text()
+    for f in dataclasses.fields(Config):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            assert f"[{f.name}]" in text
+            for sub in dataclasses.fields(section):
+                assert f"{sub.name} =" in text or f"[{f.name}.{sub.name}]" in text, \
+                    f"{f.name}.{sub.name} missing from the example"
+        elif "env" not in f.metadata and f.name != "trainer":
+            assert f"{f.name} =" in text, f"{f.name} missing from the example"

@@ -1,0 +1,227 @@
+"""Policy-gradient loss for learning from emoji reactions.
+
+Each bot reply is one "sample": a sequence of sampled tokens with a single
+scalar reward (derived from the reactions it got). We turn rewards into
+advantages, then optimise a PPO-style clipped surrogate per token plus a KL
+penalty that keeps the LoRA-adapted policy close to the frozen base model.
+
+Notation used in the shape comments:
+    B = number of replies in the batch
+    T = (padded) number of reply tokens per row
+    V = vocabulary size
+
+Three log-probability tensors, all for the *same* sampled tokens:
+    new_logp        log pi_theta(token)  - current policy, carries grad
+    behaviour_logp  log pi_old(token)    - policy that actually produced the
+                                           reply (recorded at sampling time)
+    ref_logp        log pi_ref(token)    - frozen base model (adapter off)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossParts", "token_logprobs", "pg_loss", "advantages"]
+
+
+@dataclass
+class LossParts:
+    """Result of :func:`pg_loss`. All fields are scalar (0-dim) tensors.
+
+    Only ``loss`` carries grad; the rest are detached diagnostics for logging.
+    """
+
+    loss: Tensor  # total objective to call .backward() on
+    pg: Tensor  # masked mean of the clipped policy-gradient term
+    kl: Tensor  # masked mean of the k3 KL estimate (before kl_coef)
+    clip_frac: Tensor  # fraction of real tokens where clipping was active
+    ratio_mean: Tensor  # masked mean of rho = pi_theta / pi_behaviour
+
+
+# --------------------------------------------------------------------------
+# Log-probabilities of sampled tokens
+# --------------------------------------------------------------------------
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) gathered at ``tokens``.
+
+    logits: [B, T, V]  (logits[b, t] is the distribution that *predicts*
+                        tokens[b, t], i.e. the caller has already shifted)
+    tokens: [B, T]     (integer token ids)
+    returns [B, T]     (float32)
+
+    The temperature must be the one used when sampling, otherwise
+    new_logp and behaviour_logp describe different distributions and the
+    ratio rho is biased even before any update.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(
+            f"tokens shape {tuple(tokens.shape)} does not match logits [B, T] = "
+            f"{tuple(logits.shape[:2])}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    # Upcast: bf16/fp16 logits lose too much precision in log-softmax.
+    scaled = logits.float() / temperature  # [B, T, V]
+    # log_softmax(x)[k] = x[k] - logsumexp(x); gathering first avoids
+    # materialising a second [B, T, V] tensor of log-probs.
+    picked = scaled.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # [B, T]
+    return picked - torch.logsumexp(scaled, dim=-1)  # [B, T]
+
+
+# --------------------------------------------------------------------------
+# Clipped policy-gradient loss with KL penalty
+# --------------------------------------------------------------------------
+
+
+def _check_shapes(new_logp: Tensor, behaviour_logp: Tensor, ref_logp: Tensor,
+                  advantages: Tensor, mask: Tensor) -> None:
+    if new_logp.dim() != 2:
+        raise ValueError(f"new_logp must be [B, T], got shape {tuple(new_logp.shape)}")
+    for name, t in (("behaviour_logp", behaviour_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if t.shape != new_logp.shape:
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} does not match new_logp shape "
+                f"{tuple(new_logp.shape)}; all per-token tensors must be [B, T]"
+            )
+    batch = new_logp.shape[0]
+    if advantages.shape != (batch,):
+        raise ValueError(
+            f"advantages must be [B] = ({batch},) (one value per reply), got shape "
+            f"{tuple(advantages.shape)}"
+        )
+
+
+def pg_loss(
+    new_logp: Tensor,
+    behaviour_logp: Tensor,
+    ref_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.05,
+) -> LossParts:
+    """PPO-clip surrogate + k3 KL penalty, averaged over all real tokens.
+
+    new_logp, behaviour_logp, ref_logp: [B, T]
+    mask:        [B, T]  1 (or True) for real sampled reply tokens, 0 for padding
+    advantages:  [B]     one per reply, shared by all of that reply's tokens
+
+    Per real token (rho = exp(new_logp - behaviour_logp), A = advantage):
+        pg_term = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)
+        k3      = exp(log_r) - 1 - log_r,   log_r = ref_logp - new_logp
+        term    = pg_term + kl_coef * k3
+    loss = sum(term * mask) / sum(mask)
+    """
+    _check_shapes(new_logp, behaviour_logp, ref_logp, advantages, mask)
+    if not 0.0 < clip_eps < 1.0:
+        raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+
+    # Only new_logp is trained. The behaviour policy's numbers were recorded at
+    # sampling time and the reference model is frozen: neither may get grad.
+    behaviour_logp = behaviour_logp.detach()
+    ref_logp = ref_logp.detach()
+    adv = advantages.detach().to(new_logp.dtype).unsqueeze(1)  # [B, 1], broadcasts over T
+
+    real = mask.bool()  # [B, T]
+    weight = real.to(new_logp.dtype)  # [B, T]
+    # If a batch has no real tokens the loss is 0 rather than 0/0 = NaN.
+    n_tokens = weight.sum().clamp(min=1.0)  # scalar
+
+    # Padding positions may hold garbage (e.g. -inf log-probs); exp() of that
+    # would give inf, and inf * 0 = NaN. So zero the log-ratios there *before*
+    # exponentiating: padded tokens then have rho = 1, k3 = 0 and zero grad.
+    zero = torch.zeros((), dtype=new_logp.dtype, device=new_logp.device)
+    log_ratio = torch.where(real, new_logp - behaviour_logp, zero)  # [B, T]
+    log_r_ref = torch.where(real, ref_logp - new_logp, zero)  # [B, T]
+
+    # --- PPO-clip surrogate ------------------------------------------------
+    ratio = torch.exp(log_ratio)  # [B, T]  rho
+    unclipped = ratio * adv  # [B, T]
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv  # [B, T]
+    # Pessimistic bound: take the smaller objective. When the clipped branch
+    # wins, clamp() is flat there, so the token contributes no gradient.
+    pg_term = -torch.minimum(unclipped, clipped)  # [B, T]
+
+    # Clipping is "active" where the clipped branch was chosen AND differs,
+    # i.e. rho > 1+eps with A > 0, or rho < 1-eps with A < 0.
+    clip_active = (clipped < unclipped) & real  # [B, T]
+
+    # --- KL(pi_theta || pi_ref), k3 estimator -------------------------------
+    # k3 = r - 1 - log r with r = pi_ref / pi_theta (Schulman, "Approximating
+    # KL divergence"). It is >= 0 for every token and unbiased for
+    # KL(pi_theta || pi_ref) *when the token is sampled from pi_theta*.
+    # Our tokens were sampled from the behaviour policy instead, so strictly an
+    # importance weight rho would be needed. Like GRPO (DeepSeekMath) and TRL's
+    # GRPOTrainer we evaluate k3 at the behaviour samples with no weighting:
+    # pi_theta stays close to pi_behaviour (that is what clipping enforces), so
+    # the bias is small, and the unweighted penalty has lower variance.
+    k3 = torch.exp(log_r_ref) - 1.0 - log_r_ref  # [B, T]
+
+    # --- Token-level masked mean over the whole batch -----------------------
+    # Every real token in the batch weighs the same (so longer replies weigh
+    # more than short ones), as in DAPO / TRL's "token-level" loss.
+    per_token = pg_term + kl_coef * k3  # [B, T]
+    loss = (per_token * weight).sum() / n_tokens  # scalar, has grad
+
+    with torch.no_grad():
+        pg = (pg_term * weight).sum() / n_tokens
+        kl = (k3 * weight).sum() / n_tokens
+        clip_frac = clip_active.to(new_logp.dtype).sum() / n_tokens
+        ratio_mean = (ratio * weight).sum() / n_tokens
+
+    return LossParts(loss=loss, pg=pg, kl=kl, clip_frac=clip_frac, ratio_mean=ratio_mean)
+
+
+# --------------------------------------------------------------------------
+# Rewards -> advantages
+# --------------------------------------------------------------------------
+
+
+def advantages(rewards: Tensor, baseline: str = "mean") -> Tensor:
+    """Turn per-reply rewards [B] into advantages [B].
+
+    baseline:
+      "mean"      A = r - mean(r)
+      "mean_std"  A = (r - mean(r)) / (std(r) + 1e-6)   (GRPO-style)
+      "none"      A = r
+
+    Why the batch mean: subtracting any baseline that does not depend on the
+    sampled action leaves the policy gradient unbiased (the mean includes the
+    sample itself, so it is only "unbiased-ish", with O(1/B) bias) and it cuts
+    variance a lot: without it, all-positive rewards would push up every reply
+    that was sampled. A learned value network would be the usual alternative,
+    but for a 135M-parameter model trained on a few hundred reactions a critic
+    is more parameters and more noise than signal. "mean_std" additionally
+    normalises the scale, like GRPO, so the step size does not depend on how
+    generous the reward mapping is.
+
+    The std is the population std (correction=0), so B=1 gives std 0 and
+    A = 0 / 1e-6 = 0 instead of NaN. Note that with a mean baseline a single
+    reply (B=1) or a batch of identical rewards carries no learning signal.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    if rewards.numel() == 0:
+        raise ValueError("rewards is empty; need at least one reply")
+
+    if not rewards.is_floating_point():
+        rewards = rewards.float()  # [B]; integer reaction counts are fine
+    if baseline == "none":
+        return rewards.clone()
+    centred = rewards - rewards.mean()  # [B]
+    if baseline == "mean":
+        return centred
+    if baseline == "mean_std":
+        std = rewards.std(correction=0)  # scalar, 0 for B = 1
+        return centred / (std + 1e-6)  # [B]
+    raise ValueError(f"unknown baseline {baseline!r}; expected 'mean', 'mean_std' or 'none'")
