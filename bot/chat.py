@@ -129,9 +129,10 @@ class ChatCore:
         """Set (value) or remove (None) one user's emoji on a reply."""
         emoji = canonical(emoji)
         if value is None:
-            removed = await self.store.remove_vote(reply_id, user_id, emoji)
+            if not await self.store.remove_vote(reply_id, user_id, emoji):
+                return "ignored: no such vote"
             log.info("vote removed: reply #%d user %s %s", reply_id, user_id, emoji)
-            return "removed" if removed else "ignored: no such vote"
+            return "removed"
         await self.store.set_vote(reply_id, user_id, emoji, value)
         log.info("vote: reply #%d user %s %s (%+.1f)", reply_id, user_id, emoji, value)
         return "added"

