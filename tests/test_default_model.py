@@ -156,6 +156,41 @@ class TestRealDefaultModel:
         assert len(reply.split()) >= 3, repr(reply)
         assert "<|im" not in reply
 
+    async def test_chat_core_reply_is_recorded(self, default_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+        """The whole serving path on the real model: ChatCore → Policy → Store."""
+        from bot.chat import ChatCore
+        from bot.config import Config, build
+        from bot.events import Message
+        from bot.policy import Policy
+        from bot.store import Store
+
+        cfg = build(Config, {"data_dir": str(tmp_path), "model": {"cache_dir": str(cache_dir)},
+                             "sampling": {"max_new_tokens": 32, "temperature": 0.7}})
+        policy = Policy.from_config(cfg)
+        store = await Store.open(cfg.db_path)
+        try:
+            core = ChatCore(cfg, store, policy)
+            sent: list[str] = []
+
+            async def send(text: str) -> list[str]:
+                sent.append(text)
+                return ["p1"]
+
+            msg = Message("console", "m1", "c", "u1", "tester", "Hello, who are you?")
+            reply_id = await core.on_message(msg, [], send)
+            reply = await store.get_reply(reply_id)
+        finally:
+            policy.close()
+            await store.close()
+        words = reply.text.split()
+        assert sent == [reply.text] and len(words) >= 3, reply.text
+        letters = [c for c in reply.text if c.isalpha()]
+        assert sum(c.isascii() for c in letters) / len(letters) >= 0.9, reply.text
+        assert reply.version == 0 and reply.temperature == 0.7
+        assert len(reply.output_ids) == len(reply.logprobs) <= 32
+        assert all(lp <= 0 for lp in reply.logprobs)
+        assert "Hello, who are you?" in policy.tokenizer.decode(reply.prompt_ids)
+
     def test_resolve_model(self, default_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
         assert resolve_model(DEFAULT_MODEL, cache_dir) == str(default_model_dir)
         assert resolve_model(str(tmp_path), cache_dir) == str(tmp_path)
