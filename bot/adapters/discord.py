@@ -1,0 +1,221 @@
+"""Discord adapter: discord.py events → bot.events payloads → ChatCore. No business logic.
+
+Reactions use the raw events (on_raw_reaction_add/remove), so votes on replies that
+are no longer in discord.py's message cache still count. Slash commands are checked
+for admin rights in ChatCore (Manage Server, or configured role/user ids), not only
+by Discord's default_member_permissions.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from bot.chat import ChatCore
+from bot.config import Config
+from bot.events import Command, HistoryItem, Message, Reaction
+
+log = logging.getLogger(__name__)
+PLATFORM = "discord"
+LIMIT = 2000   # Discord's message length limit
+USER_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+
+
+def split_text(text: str, limit: int = LIMIT) -> list[str]:
+    """Split text into chunks of at most ``limit`` characters: at the last newline in the
+    second half of the window, else the last space there, else a hard cut. The whitespace
+    at a cut is dropped, so no chunk is blank (Discord refuses blank messages)."""
+    chunks = []
+    while len(text) > limit:
+        cut = text.rfind("\n", limit // 2, limit + 1)
+        if cut < 0:
+            cut = text.rfind(" ", limit // 2, limit + 1)
+        if cut < 0:
+            cut = limit
+        chunk = text[:cut].rstrip()
+        if chunk:
+            chunks.append(chunk)
+        text = text[cut:].lstrip()
+    return chunks + [text] if text else chunks or [""]
+
+
+class DiscordAdapter:
+    def __init__(self, core: ChatCore, cfg: Config, **client_options: Any):
+        self.core = core
+        self.cfg = cfg
+        intents = discord.Intents.default()
+        intents.message_content = True
+        # Model output must never ping anyone (@everyone, roles, users), nor the person replied to.
+        client_options.setdefault("allowed_mentions", discord.AllowedMentions.none())
+        self.client = discord.Client(intents=intents, **client_options)
+        self.tree = app_commands.CommandTree(self.client)
+        self._register_commands()
+        self.client.setup_hook = self._setup_hook
+        self.client.event(self.on_message)
+        self.client.event(self.on_raw_reaction_add)
+        self.client.event(self.on_raw_reaction_remove)
+
+    async def start(self, token: str) -> None:
+        await self.client.start(token)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _setup_hook(self) -> None:
+        guilds = [discord.Object(id=int(g)) for g in self.cfg.discord.guild_ids]
+        for guild in guilds:            # guild-scoped commands show up at once
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+        if not guilds:
+            await self.tree.sync()
+        log.info("slash commands synced to %s", [g.id for g in guilds] or "all guilds")
+
+    # -- messages -------------------------------------------------------------
+
+    def _bot_id(self) -> int:
+        return self.client.user.id if self.client.user else 0
+
+    async def _replies_to_bot(self, message: discord.Message) -> bool:
+        ref = message.reference
+        if ref is None or ref.message_id is None:
+            return False
+        if isinstance(ref.resolved, discord.Message):
+            return ref.resolved.author.id == self._bot_id()
+        return await self.core.store.reply_for_message(PLATFORM, str(ref.message_id)) is not None
+
+    def _clean(self, m: discord.Message) -> str:
+        """The text as people read it: the bot's own mention dropped, other mentions as @name / #channel."""
+        text = re.sub(rf"<@!?{self._bot_id()}>", "", m.content)
+        for user in m.mentions:
+            text = re.sub(rf"<@!?{user.id}>", lambda _, name=user.display_name: f"@{name}", text)
+        for role in m.role_mentions:
+            text = text.replace(f"<@&{role.id}>", f"@{role.name}")
+
+        def channel(match: re.Match) -> str:
+            ch = self.client.get_channel(int(match.group(1)))
+            return f"#{ch.name}" if getattr(ch, "name", None) else match.group(0)
+
+        return re.sub(r"<#(\d+)>", channel, text).strip()
+
+    async def _history(self, message: discord.Message) -> list[HistoryItem]:
+        """The reply chain when the message is a reply, else recent channel history (oldest first)."""
+        n = self.cfg.chat.history_messages
+        items: list[HistoryItem] = []
+        try:
+            if message.reference and message.reference.message_id:
+                ref, seen = message.reference, 0
+                while ref and ref.message_id and seen < n:
+                    prev = ref.resolved if isinstance(ref.resolved, discord.Message) else \
+                        await message.channel.fetch_message(ref.message_id)
+                    items.append(self._item(prev))
+                    ref, seen = prev.reference, seen + 1
+                return items[::-1]
+            async for prev in message.channel.history(limit=n, before=message):
+                items.append(self._item(prev))
+        except discord.HTTPException as e:
+            log.warning("could not read context for message %s: %s", message.id, e)
+        return items[::-1]
+
+    def _item(self, m: discord.Message) -> HistoryItem:
+        return HistoryItem(m.author.display_name, self._clean(m), m.author.id == self._bot_id())
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.type not in USER_MESSAGE_TYPES:     # joins, pins, thread notices, command echoes
+            return
+        msg = Message(
+            platform=PLATFORM, message_id=str(message.id), channel_id=str(message.channel.id),
+            author_id=str(message.author.id), author_name=message.author.display_name,
+            text=self._clean(message), author_is_bot=message.author.bot,
+            is_dm=isinstance(message.channel, discord.DMChannel),
+            mentions_bot=self.client.user in message.mentions,
+            replies_to_bot=not message.author.bot and await self._replies_to_bot(message))
+        if not self.core.wants_reply(msg):
+            return
+        history = await self._history(message)
+        sent: list[discord.Message] = []
+
+        async def send(text: str) -> list[str]:
+            # The first part answers the message; if it was deleted meanwhile, post without the link.
+            ref = message.to_reference(fail_if_not_exists=False)
+            for i, chunk in enumerate(split_text(text)):
+                sent.append(await message.channel.send(chunk, reference=ref if i == 0 else None))
+            return [str(m.id) for m in sent]
+
+        async with message.channel.typing():
+            reply_id = await self.core.on_message(msg, history, send)
+        # Vote buttons only on a model reply (not on the rate-limit / busy / error notices).
+        if reply_id is not None and sent and self.cfg.rewards.seed_reactions:
+            for emoji in self.core.rewards.seed_emoji:
+                try:
+                    await sent[0].add_reaction(emoji)
+                except discord.HTTPException as e:   # no Add Reactions permission, unknown emoji, ...
+                    log.warning("could not add %s to reply %s: %s", emoji, sent[0].id, e)
+                    break
+
+    # -- reactions ------------------------------------------------------------
+
+    async def _reaction(self, payload: discord.RawReactionActionEvent, added: bool) -> None:
+        user = payload.member or self.client.get_user(payload.user_id)
+        is_bot = payload.user_id == self._bot_id() or bool(user and user.bot)
+        outcome = await self.core.on_reaction(Reaction(
+            platform=PLATFORM, channel_id=str(payload.channel_id), message_id=str(payload.message_id),
+            user_id=str(payload.user_id), emoji=str(payload.emoji), added=added, user_is_bot=is_bot))
+        log.debug("reaction %s on %s by %s: %s", payload.emoji, payload.message_id, payload.user_id, outcome)
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await self._reaction(payload, True)
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        await self._reaction(payload, False)
+
+    # -- slash commands -------------------------------------------------------
+
+    def _command(self, interaction: discord.Interaction, name: str, args: dict) -> Command:
+        user = interaction.user
+        roles = tuple(str(r.id) for r in getattr(user, "roles", []))
+        perms = interaction.permissions
+        return Command(PLATFORM, str(interaction.channel_id), str(user.id), name, args,
+                       is_platform_admin=bool(interaction.guild_id and (perms.manage_guild or perms.administrator)),
+                       role_ids=roles)
+
+    async def _run(self, interaction: discord.Interaction, name: str, args: dict | None = None) -> None:
+        # Acknowledge at once (Discord allows 3 s); the work may take longer (loading a version).
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            text = (await self.core.on_command(self._command(interaction, name, args or {}))).text
+        except Exception:  # noqa: BLE001 - never leave the person with an endless "thinking…"
+            log.exception("/%s failed", name)
+            text = f"Sorry, /{name} failed; the error is in the bot's log."
+        await interaction.followup.send(split_text(text)[0] or "…", ephemeral=True)
+
+    def _register_commands(self) -> None:
+        tree = self.tree
+
+        @tree.command(name="retrain", description="Ask the trainer for a learning round now (admins)")
+        async def retrain(interaction: discord.Interaction) -> None:
+            await self._run(interaction, "retrain")
+
+        @tree.command(name="status", description="Model version, votes and like-rates")
+        async def status(interaction: discord.Interaction) -> None:
+            await self._run(interaction, "status")
+
+        @tree.command(name="rollback", description="Serve an earlier published version (admins)")
+        @app_commands.describe(version="version number, see /status")
+        async def rollback(interaction: discord.Interaction, version: int) -> None:
+            await self._run(interaction, "rollback", {"version": version})
+
+        @tree.command(name="forget", description="Delete your messages and votes (admins: anyone's)")
+        @app_commands.describe(user="whose data to delete (default: you)")
+        async def forget(interaction: discord.Interaction, user: discord.User | None = None) -> None:
+            await self._run(interaction, "forget", {"user": str(user.id)} if user else {})
+
+    # -- trainer results --------------------------------------------------------
+
+    async def post(self, channel_id: str, text: str) -> None:
+        channel = self.client.get_channel(int(channel_id)) or await self.client.fetch_channel(int(channel_id))
+        for chunk in split_text(text):
+            await channel.send(chunk)
