@@ -74,20 +74,29 @@ async def serve(cfg: Config) -> None:
 
             await run_console(core)
             return
-        runners, posters = [], {}
+        runners, posters, adapters = [], {}, []
         if "discord" in cfg.platforms:
             from bot.adapters.discord import DiscordAdapter
 
             d = DiscordAdapter(core, cfg)
             runners.append(d.start(cfg.discord_token))
             posters["discord"] = d.post
+            adapters.append(d)
         if "slack" in cfg.platforms:
             from bot.adapters.slack import SlackAdapter
 
             s = SlackAdapter(core, cfg)
             runners.append(s.start(cfg.slack_bot_token, cfg.slack_app_token))
             posters["slack"] = s.post
-        await asyncio.gather(core.run_background(posters), *runners)
+            adapters.append(s)
+        try:
+            await asyncio.gather(core.run_background(posters), *runners)
+        finally:             # Ctrl-C / cancellation: close connections cleanly
+            for adapter in adapters:
+                try:
+                    await adapter.close()
+                except Exception:  # noqa: BLE001 - closing the others matters more
+                    log.exception("closing %s failed", type(adapter).__name__)
     finally:
         policy.close()
         await store.close()

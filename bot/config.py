@@ -93,6 +93,9 @@ class DiscordConfig:
 @dataclass
 class SlackConfig:
     command: str = setting("/reactlearn", "The slash command name as set in the Slack app manifest.")
+    message_chars: int = setting(4000, "Replies longer than this are split into several messages "
+                                 "(Slack's guideline is 4,000 characters; the API refuses more than 40,000).")
+    api_url: str = setting("https://slack.com/api/", "Slack Web API base URL (GovSlack: https://slack-gov.com/api/).")
 
 
 @dataclass
@@ -191,6 +194,10 @@ def validate(cfg: Config) -> Config:
     _check(cfg.serving.queue_size >= 1, "serving.queue_size", "must be at least 1.")
     _check(cfg.serving.batch_size >= 1, "serving.batch_size", "must be at least 1.")
     _check(cfg.serving.poll_seconds > 0, "serving.poll_seconds", "must be > 0.")
+    _check(cfg.slack.command.startswith("/") and len(cfg.slack.command) > 1 and " " not in cfg.slack.command,
+           "slack.command", 'must be a slash command like "/reactlearn", as in the app manifest.')
+    _check(20 <= cfg.slack.message_chars <= 40000, "slack.message_chars", "must be between 20 and 40000.")
+    _check(cfg.slack.api_url.startswith(("https://", "http://")), "slack.api_url", 'must be a URL like "https://slack.com/api/".')
     _check(cfg.chat.max_message_chars >= 1, "chat.max_message_chars", "must be at least 1.")
     for emoji, value in cfg.rewards.emoji.items():
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and -1 <= value <= 1,

@@ -1,0 +1,402 @@
+"""Slack adapter: slack-bolt AsyncApp in Socket Mode → bot.events payloads → ChatCore. No business logic.
+
+Socket Mode needs no public URL: the app token (xapp-) opens a WebSocket, the bot token
+(xoxb-) makes the Web API calls. What it does with Slack's events:
+
+- ``message`` (and ``app_mention``, deduplicated by channel + ts: Slack sends both for a
+  mention) → ``Message``. The bot's mention is stripped from the text; ``im`` channels are
+  DMs; a message in a thread the bot has posted in is ``replies_to_bot``. Edits, joins and
+  other subtypes are ignored; other bots' messages are passed on marked as bots (the core
+  ignores them). The reply goes into the message's thread; the context is that thread
+  (``conversations.replies``, oldest first, without the message itself) or, outside a
+  thread, recent channel history (``conversations.history``).
+- ``reaction_added`` / ``reaction_removed`` → ``Reaction``. Slack names (+1, thumbsup,
+  -1, ...) and skin tones are canonicalised by bot.rewards. Reactions by the bot itself or
+  by bot users (users.info ``is_bot``) are marked as bot reactions, so seeds never vote.
+- The slash command (``[slack] command``, default /reactlearn) with subcommands retrain,
+  status, rollback N, forget [@user]: acknowledged at once (an empty ack), then answered
+  with an ephemeral ``respond()``. Workspace admins and owners (users.info, cached for a
+  minute) are platform admins; the admin decision itself is ChatCore's.
+
+Platform message ids are ``"<channel>:<ts>"``: a Slack ts is unique only within its channel.
+Outgoing text is escaped (``&``, ``<``, ``>``) so a generated ``<!channel>`` or ``<@U…>``
+never pings anyone, and split at ``[slack] message_chars`` (default 4,000: Slack's guideline
+for readable messages; the API's hard limit is 40,000). HTTP 429 answers are waited out by
+slack_sdk's ``AsyncRateLimitErrorRetryHandler`` (Retry-After, up to 5 retries per call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.chat import ChatCore
+from bot.config import Config
+from bot.events import Command, HistoryItem, Message, Reaction
+from bot.rewards import SLACK_NAMES, canonical
+
+log = logging.getLogger(__name__)
+PLATFORM = "slack"
+LIMIT = 4000            # Slack's guideline for message text; chat.postMessage refuses > 40,000
+RATE_LIMIT_RETRIES = 5  # 429 answers waited out per Web API call (Retry-After seconds each)
+USER_TTL = 60.0         # seconds users.info answers (names, admin/owner, is_bot) are cached
+THREAD_PAGES = 10       # conversations.replies pages (200 messages each) read for context
+
+# Message subtypes that carry something a person wrote; every other subtype
+# (message_changed, message_deleted, channel_join, ...) is ignored.
+TEXT_SUBTYPES = {None, "thread_broadcast", "file_share", "me_message", "bot_message"}
+# chat.postMessage errors that retrying later will not fix (a trainer result is then dropped).
+PERMANENT_ERRORS = {"channel_not_found", "not_in_channel", "is_archived", "restricted_action",
+                    "msg_too_long", "invalid_auth", "account_inactive", "missing_scope"}
+_SLACK_NAME_FOR = {}
+for _name, _emoji in SLACK_NAMES.items():       # first name wins: 👍 → "+1", 👎 → "-1"
+    _SLACK_NAME_FOR.setdefault(_emoji, _name)
+_PLAIN_NAME = re.compile(r"^[a-z0-9_+\-']+$")
+_USER_ARG = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
+USAGE = ("Usage: {cmd} retrain | status | rollback VERSION | forget [@user]\n"
+         "retrain and rollback are for admins; forget deletes your own messages and votes "
+         "(admins: anyone's).")
+
+
+def escape(text: str) -> str:
+    """Slack's three control characters, so generated text cannot ping or link anyone."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def split_text(text: str, limit: int = LIMIT) -> list[str]:
+    """Split (escaped) text into chunks of at most ``limit`` characters: at a newline or
+    space when one is in the second half of the chunk, never inside an ``&amp;`` entity."""
+    chunks = []
+    while len(text) > limit:
+        cut = max(text.rfind("\n", 0, limit + 1), text.rfind(" ", 0, limit + 1))
+        if cut <= limit // 2:
+            cut = limit
+            amp = text.rfind("&", max(0, cut - 4), cut)
+            if amp > 0 and ";" not in text[amp:cut]:
+                cut = amp
+        chunk = text[:cut].rstrip()
+        if chunk:
+            chunks.append(chunk)
+        text = text[cut:].lstrip()
+    if text.strip():
+        chunks.append(text)
+    return chunks or ["…"]
+
+
+def slack_name(emoji: str) -> str | None:
+    """The Slack reaction name for an emoji of the reward map ("👍" → "+1"), or None."""
+    uni = canonical(emoji)
+    if uni in _SLACK_NAME_FOR:
+        return _SLACK_NAME_FOR[uni]
+    return uni if _PLAIN_NAME.match(uni) else None   # a Slack name (custom emoji) given as is
+
+
+def message_key(channel: str, ts: str) -> str:
+    """The platform message id used in the store: a ts is unique only within a channel."""
+    return f"{channel}:{ts}"
+
+
+def parse_command(text: str) -> tuple[str, dict] | None:
+    """``"rollback 3"`` → ("rollback", {"version": "3"}); ``"forget <@U1|bob>"`` → ("forget", {"user": "U1"}).
+
+    Returns ("", {}) for an empty text or "help", and None when the arguments can't be read."""
+    name, _, rest = (text or "").strip().partition(" ")
+    name, rest = name.lower(), rest.strip()
+    if name in ("", "help"):
+        return "", {}
+    if name == "rollback":
+        return name, {"version": rest}
+    if name == "forget":
+        if not rest:
+            return name, {}
+        m = _USER_ARG.match(rest)
+        return (name, {"user": m.group(1) or m.group(2)}) if m else None
+    return name, {}
+
+
+def _ts_key(ts: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(ts).split(".") if p.isdigit())
+
+
+class SlackAdapter:
+    def __init__(self, core: ChatCore, cfg: Config, *, client: AsyncWebClient | None = None):
+        """``client``: a ready AsyncWebClient (tests point one at a fake); by default one is
+        built from the bot token and ``[slack] api_url`` when ``start`` runs."""
+        self.core = core
+        self.cfg = cfg
+        self.client = client
+        self.app: AsyncApp | None = None
+        self.handler: AsyncSocketModeHandler | None = None
+        self.bot_user_id = ""
+        self.bot_id = ""
+        self.ready = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()       # (channel, ts) handled
+        self._threads: OrderedDict[tuple[str, str], bool] = OrderedDict()    # bot posted in thread?
+        self._users: dict[str, tuple[float, dict | None]] = {}
+
+    @property
+    def command_name(self) -> str:
+        name = self.cfg.slack.command.strip()
+        return name if name.startswith("/") else "/" + name
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self, bot_token: str = "", app_token: str = "") -> None:
+        """Connect over Socket Mode and serve until ``close()`` (or cancellation)."""
+        if self.client is None:
+            self.client = AsyncWebClient(token=bot_token or self.cfg.slack_bot_token,
+                                         base_url=self.cfg.slack.api_url.rstrip("/") + "/")
+        if not any(isinstance(h, AsyncRateLimitErrorRetryHandler) for h in self.client.retry_handlers):
+            self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES))
+        auth = await self.client.auth_test()        # a bad bot token fails here, clearly
+        self.bot_user_id, self.bot_id = auth["user_id"], auth.get("bot_id") or ""
+        self.app = AsyncApp(client=self.client, logger=logging.getLogger("bot.adapters.slack.bolt"))
+        self._register(self.app)
+        self.handler = AsyncSocketModeHandler(self.app, app_token=app_token or self.cfg.slack_app_token)
+        self._stop = asyncio.Event()
+        try:
+            await self.handler.connect_async()
+            log.info("slack: connected as %s (%s) over Socket Mode", auth.get("user"), self.bot_user_id)
+            self.ready.set()
+            await self._stop.wait()
+        finally:
+            self.ready.clear()
+            await self.handler.close_async()
+
+    async def close(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self.handler is not None:
+            await self.handler.close_async()
+
+    def _register(self, app: AsyncApp) -> None:
+        app.event("message")(self._on_message_event)
+        app.event("app_mention")(self._on_message_event)
+        app.event("reaction_added")(self._on_reaction_added)
+        app.event("reaction_removed")(self._on_reaction_removed)
+        app.command(self.command_name)(self._on_command)
+
+    # -- users ----------------------------------------------------------------
+
+    async def _user(self, user_id: str) -> dict | None:
+        """users.info, cached for USER_TTL seconds; None when it can't be read."""
+        if not user_id:
+            return None
+        hit = self._users.get(user_id)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        try:
+            info = (await self.client.users_info(user=user_id))["user"]
+        except SlackApiError as e:
+            log.warning("slack: users.info %s failed: %s", user_id, e.response.get("error"))
+            info = None
+        self._users[user_id] = (time.monotonic() + USER_TTL, info)
+        return info
+
+    async def _name(self, user_id: str) -> str:
+        info = await self._user(user_id)
+        if not info:
+            return user_id
+        profile = info.get("profile") or {}
+        return profile.get("display_name") or info.get("real_name") or info.get("name") or user_id
+
+    # -- messages -------------------------------------------------------------
+
+    def _from_me(self, m: dict) -> bool:
+        return bool(m.get("user") and m.get("user") == self.bot_user_id) or \
+            bool(self.bot_id and m.get("bot_id") == self.bot_id)
+
+    def _clean(self, text: str) -> str:
+        """Slack text → what the model reads: the bot's mention gone, &amp; &lt; &gt; decoded."""
+        text = re.sub(rf"<@{re.escape(self.bot_user_id)}(?:\|[^>]*)?>", "", text or "")
+        return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").strip()
+
+    def _remember(self, cache: OrderedDict, key: Any, value: Any, size: int = 5000) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > size:
+            cache.popitem(last=False)
+
+    async def _thread(self, channel: str, thread_ts: str, before: str) -> list[dict]:
+        """The thread's messages older than ``before``, oldest first (the parent included)."""
+        out: list[dict] = []
+        cursor, ok = None, True
+        try:
+            for _ in range(THREAD_PAGES):
+                resp = await self.client.conversations_replies(channel=channel, ts=thread_ts, limit=200, cursor=cursor)
+                out += resp.get("messages") or []
+                cursor = (resp.get("response_metadata") or {}).get("next_cursor")
+                if not resp.get("has_more") or not cursor:
+                    break
+        except SlackApiError as e:
+            log.warning("slack: conversations.replies %s/%s failed: %s", channel, thread_ts, e.response.get("error"))
+            ok = False
+        seen, unique = set(), []
+        for m in out:
+            if m.get("ts") not in seen and _ts_key(m.get("ts", "0")) < _ts_key(before):
+                seen.add(m.get("ts"))
+                unique.append(m)
+        if ok:      # remember whether the bot is in this thread (not after a failed read)
+            self._remember(self._threads, (channel, thread_ts), any(self._from_me(m) for m in unique)
+                           or self._threads.get((channel, thread_ts), False))
+        return sorted(unique, key=lambda m: _ts_key(m["ts"]))
+
+    async def _channel_history(self, channel: str, before: str) -> list[dict]:
+        n = self.cfg.chat.history_messages
+        if n <= 0:
+            return []
+        try:
+            resp = await self.client.conversations_history(channel=channel, latest=before, inclusive=False, limit=n)
+        except SlackApiError as e:
+            log.warning("slack: conversations.history %s failed: %s", channel, e.response.get("error"))
+            return []
+        return [m for m in reversed(resp.get("messages") or []) if _ts_key(m.get("ts", "0")) < _ts_key(before)]
+
+    async def _item(self, m: dict) -> HistoryItem | None:
+        if m.get("subtype") not in TEXT_SUBTYPES or not (m.get("text") or "").strip():
+            return None
+        if self._from_me(m):
+            return HistoryItem("bot", self._clean(m["text"]), True)
+        if m.get("bot_id") and not m.get("user"):
+            name = m.get("username") or (m.get("bot_profile") or {}).get("name") or m["bot_id"]
+        else:
+            name = await self._name(m.get("user", ""))
+        return HistoryItem(name, self._clean(m["text"]), False)
+
+    async def _on_message_event(self, event: dict) -> None:
+        channel, ts = event.get("channel"), event.get("ts")
+        if not channel or not ts or event.get("hidden") or event.get("subtype") not in TEXT_SUBTYPES:
+            return
+        if (channel, ts) in self._seen:          # a mention arrives as app_mention and message
+            return
+        self._remember(self._seen, (channel, ts), None, 2000)
+        user = event.get("user") or ""
+        text = event.get("text") or ""
+        thread_ts = event.get("thread_ts")
+        in_thread = bool(thread_ts and thread_ts != ts)
+        msg = Message(
+            platform=PLATFORM, message_id=message_key(channel, ts), channel_id=channel,
+            author_id=user or event.get("bot_id", ""), author_name=user,
+            text=self._clean(text),
+            author_is_bot=bool(event.get("bot_id")) or event.get("subtype") == "bot_message" or user == self.bot_user_id,
+            is_dm=event.get("channel_type") == "im",
+            mentions_bot=bool(re.search(rf"<@{re.escape(self.bot_user_id)}(?:\|[^>]*)?>", text)),
+            replies_to_bot=in_thread and self._threads.get((channel, thread_ts), False))
+        thread: list[dict] | None = None
+        if not self.core.wants_reply(msg):
+            if msg.author_is_bot or not in_thread or (channel, thread_ts) in self._threads:
+                return
+            thread = await self._thread(channel, thread_ts, before=ts)      # unknown thread: look once
+            if not self._threads.get((channel, thread_ts)):
+                return
+            msg = dataclasses.replace(msg, replies_to_bot=True)
+            if not self.core.wants_reply(msg):
+                return
+        msg = dataclasses.replace(msg, author_name=await self._name(user))
+        if in_thread:
+            raw = thread if thread is not None else await self._thread(channel, thread_ts, before=ts)
+        else:
+            raw = await self._channel_history(channel, before=ts)
+        history = [h for h in [await self._item(m) for m in raw] if h is not None]
+        root = thread_ts or ts
+        posted: list[tuple[str, str]] = []          # (channel, ts) of each part sent
+
+        async def send(text: str) -> list[str]:
+            self._remember(self._threads, (channel, root), True)
+            ids: list[str] = []
+            for i, chunk in enumerate(split_text(escape(text), self.cfg.slack.message_chars)):
+                try:
+                    resp = await self.client.chat_postMessage(channel=channel, thread_ts=root, text=chunk,
+                                                              unfurl_links=False, unfurl_media=False)
+                except SlackApiError as e:
+                    if not ids:
+                        raise
+                    log.error("slack: part %d of a reply in %s failed: %s", i + 1, channel, e.response.get("error"))
+                    break
+                ids.append(message_key(resp["channel"], resp["ts"]))
+                posted.append((resp["channel"], resp["ts"]))
+            return ids
+
+        reply_id = await self.core.on_message(msg, history, send)
+        # Seeds go on generated replies only (not on "busy" or "too fast" notes), on the first part.
+        if reply_id is not None and posted and self.cfg.rewards.seed_reactions:
+            await self._seed(*posted[0])
+
+    async def _seed(self, channel: str, ts: str) -> None:
+        for emoji in self.core.rewards.seed_emoji:
+            name = slack_name(emoji)
+            if name is None:
+                log.debug("slack: no Slack name for seed emoji %r", emoji)
+                continue
+            try:
+                await self.client.reactions_add(channel=channel, timestamp=ts, name=name)
+            except SlackApiError as e:
+                log.warning("slack: could not seed :%s: on %s/%s: %s", name, channel, ts, e.response.get("error"))
+
+    # -- reactions ------------------------------------------------------------
+
+    async def _reaction(self, event: dict, added: bool) -> None:
+        item = event.get("item") or {}
+        if item.get("type") != "message" or not item.get("channel") or not item.get("ts"):
+            return
+        user, emoji = event.get("user") or "", event.get("reaction") or ""
+        is_bot = user == self.bot_user_id
+        if not is_bot and self.core.rewards.value(emoji) is not None:   # only voting emoji cost a lookup
+            info = await self._user(user)
+            is_bot = bool(info and (info.get("is_bot") or info.get("id") == "USLACKBOT"))
+        outcome = await self.core.on_reaction(Reaction(
+            platform=PLATFORM, channel_id=item["channel"], message_id=message_key(item["channel"], item["ts"]),
+            user_id=user, emoji=emoji, added=added, user_is_bot=is_bot))
+        log.debug("slack: reaction :%s: on %s/%s by %s: %s", emoji, item["channel"], item["ts"], user, outcome)
+
+    async def _on_reaction_added(self, event: dict) -> None:
+        await self._reaction(event, True)
+
+    async def _on_reaction_removed(self, event: dict) -> None:
+        await self._reaction(event, False)
+
+    # -- the slash command ----------------------------------------------------
+
+    async def _on_command(self, ack, command: dict, respond) -> None:
+        await ack()          # within Slack's 3 s; the answer follows through response_url
+        parsed = parse_command(command.get("text", ""))
+        if parsed is None or not parsed[0]:
+            await respond(text=escape(USAGE.format(cmd=self.command_name)), response_type="ephemeral")
+            return
+        name, args = parsed
+        user = command.get("user_id", "")
+        info = await self._user(user)
+        result = await self.core.on_command(Command(
+            PLATFORM, command.get("channel_id", ""), user, name, args,
+            is_platform_admin=bool(info and (info.get("is_admin") or info.get("is_owner")
+                                             or info.get("is_primary_owner")))))
+        for chunk in split_text(escape(result.text), self.cfg.slack.message_chars):
+            await respond(text=chunk, response_type="ephemeral")
+
+    # -- trainer results --------------------------------------------------------
+
+    async def post(self, channel_id: str, text: str) -> None:
+        """Post a trainer result where the retrain was asked. Raises on errors worth retrying."""
+        for chunk in split_text(escape(text), self.cfg.slack.message_chars):
+            try:
+                await self.client.chat_postMessage(channel=channel_id, text=chunk, unfurl_links=False,
+                                                   unfurl_media=False)
+            except SlackApiError as e:
+                error = e.response.get("error")
+                if error in PERMANENT_ERRORS:
+                    log.warning("slack: dropped a trainer result for %s: %s (invite the bot to the channel)",
+                                channel_id, error)
+                    return
+                raise

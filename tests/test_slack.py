@@ -1,0 +1,410 @@
+"""The Slack adapter: the real slack-bolt AsyncApp in Socket Mode against the loopback fake
+(tests/fakes/slack_server.py), with the real chat core, store and a tiny real policy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from bot.adapters.slack import SlackAdapter, escape, parse_command, slack_name, split_text
+from bot.chat import ChatCore
+from bot.policy import Policy
+from bot.rewards import THUMBS_DOWN, THUMBS_UP
+from bot.store import Store
+from tests.conftest import make_config
+from tests.fakes.slack_server import FakeSlack
+
+CMD = "/reactlearn"
+
+
+class Bot:
+    """One running bot: config, store, policy, core, and the Slack adapter connected to ``fake``."""
+
+    def __init__(self, cfg, store, policy, core, adapter, fake):
+        self.cfg, self.store, self.policy, self.core, self.adapter, self.fake = cfg, store, policy, core, adapter, fake
+
+    async def rows(self, sql: str, args=()) -> list[tuple]:
+        return [tuple(r) for r in await self.store._all(sql, args)]
+
+    def prompt_text(self, reply) -> str:
+        return self.policy.tokenizer.decode(reply.prompt_ids)
+
+
+@contextlib.asynccontextmanager
+async def running_slack(fake: FakeSlack, core: ChatCore, cfg, **kw):
+    """Start SlackAdapter.start() in a task until it is connected; close it afterwards."""
+    adapter = SlackAdapter(core, cfg, client=fake.make_client(), **kw)
+    task = asyncio.create_task(adapter.start(fake.bot_token, fake.app_token))
+    ready = asyncio.create_task(adapter.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    assert ready in done, "slack adapter did not connect"
+    await fake.wait_connected()
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def slack_bot(tmp_path: Path, model_dir: Path, **sections):
+    sections.setdefault("chat", {}).setdefault("rate_limit_per_minute", 0)
+    cfg = make_config(tmp_path, model_dir, **sections)
+    store = await Store.open(cfg.db_path)
+    policy = Policy.from_config(cfg)
+    core = ChatCore(cfg, store, policy)
+    try:
+        async with FakeSlack() as fake:
+            async with running_slack(fake, core, cfg) as adapter:
+                yield Bot(cfg, store, policy, core, adapter, fake)
+                for env in list(fake.envelopes):      # every envelope was acked (none left to retry)
+                    await fake.wait_ack(env, timeout=5)
+    finally:
+        policy.close()
+        await store.close()
+
+
+async def until(check, timeout: float = 10, what: str = "condition"):
+    """Poll an async (or plain) check until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def settle(fake: FakeSlack) -> None:
+    """Every envelope acked, then a moment for listeners that run after their ack."""
+    for env in list(fake.envelopes):
+        await fake.wait_ack(env)
+    await asyncio.sleep(0.3)
+
+
+async def ask(bot: Bot, channel: str, user: str, text: str, **kw) -> tuple[str, dict, int]:
+    """Post a message, wait for the bot's threaded reply and its reply row. Returns (ts, reply msg, reply id)."""
+    ts = await bot.fake.user_message(channel, user, text, **kw)
+    root = kw.get("thread_ts") or ts
+    reply = await bot.fake.wait_bot_message(channel, thread_ts=root)
+    key = f"{reply['channel']}:{reply['ts']}"
+    reply_id = await until(lambda: bot.store.reply_for_message("slack", key), what=f"reply row for {key}")
+    return ts, reply, reply_id
+
+
+def bot_messages_in_thread(fake: FakeSlack, channel: str, ts: str) -> list[dict]:
+    return [m for m in fake.bot_messages if m["channel"] == channel and m.get("thread_ts") == ts]
+
+
+# -- pure helpers --------------------------------------------------------------
+
+
+def test_split_escape_and_names():
+    text = "word " * 2000 + "&" * 3000
+    chunks = split_text(escape(text), 4000)
+    assert all(len(c) <= 4000 for c in chunks) and len(chunks) >= 5
+    assert "".join(chunks).replace(" ", "") == escape(text).replace(" ", "")
+    assert all(not c.endswith(("&", "&a", "&am", "&amp")) for c in chunks)   # entities are never cut
+    assert split_text("short") == ["short"] and split_text("   ") == ["…"]
+    assert escape("<!channel> & <@U1>") == "&lt;!channel&gt; &amp; &lt;@U1&gt;"
+    assert [slack_name(e) for e in (THUMBS_UP, THUMBS_DOWN, "👍🏽", "❤️", ":partyparrot:", "🦜")] == \
+        ["+1", "-1", "+1", "heart", "partyparrot", None]
+    assert parse_command("rollback 3") == ("rollback", {"version": "3"})
+    assert parse_command("forget <@U2|bob>") == ("forget", {"user": "U2"})
+    assert parse_command("FORGET W123") == ("forget", {"user": "W123"})
+    assert parse_command("forget") == ("forget", {})
+    assert parse_command("forget @bob") is None
+    assert parse_command("") == ("", {}) and parse_command("help") == ("", {})
+    assert parse_command("status") == ("status", {})
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[slack]\ncommand = "reactlearn"\n', "'slack.command': must be a slash command"),
+    ('[slack]\nmessage_chars = 50000\n', "'slack.message_chars': must be between 20 and 40000"),
+    ('platforms = ["slack"]\n', "SLACK_BOT_TOKEN and SLACK_APP_TOKEN must both be set"),
+])
+def test_bad_slack_config_names_the_key(tmp_path, toml, message):
+    from bot.config import ConfigError, load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, env={"SLACK_BOT_TOKEN": "xoxb-1"})
+
+
+def test_manifest_asks_for_what_the_adapter_uses():
+    yaml = pytest.importorskip("yaml")
+    from bot.config import SlackConfig
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "slack-manifest.yaml").read_text())
+    settings, features = manifest["settings"], manifest["features"]
+    assert settings["socket_mode_enabled"] is True
+    assert {"app_mention", "message.channels", "message.groups", "message.im", "message.mpim",
+            "reaction_added", "reaction_removed"} <= set(settings["event_subscriptions"]["bot_events"])
+    assert {"app_mentions:read", "channels:history", "groups:history", "im:history", "mpim:history", "chat:write",
+            "commands", "reactions:read", "reactions:write", "users:read"} <= set(manifest["oauth_config"]["scopes"]["bot"])
+    (command,) = features["slash_commands"]
+    assert command["command"] == SlackConfig().command and command["should_escape"] is True
+    assert "url" not in command                      # Socket Mode: commands come over the socket
+    assert features["app_home"]["messages_tab_enabled"] is True
+
+
+# -- messages ------------------------------------------------------------------
+
+
+async def test_mention_gets_one_threaded_reply_with_generation_recorded(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        ts, reply, reply_id = await ask(bot, "C1", "U1", "hello there", mention_bot=True)
+        assert reply["thread_ts"] == ts and reply["user"] == fake.bot_user_id
+
+        row = await bot.store.get_reply(reply_id)
+        assert row.platform == "slack" and row.channel_id == "C1" and row.version == 0
+        assert row.prompt_ids and row.output_ids and len(row.output_ids) == len(row.logprobs)
+        assert reply["text"] == split_text(escape(row.text or "…"))[0]
+        assert "alice: hello there" in bot.prompt_text(row)          # name from users.info, mention stripped
+        assert await bot.rows("SELECT platform_message_id, author_id, text FROM messages") == \
+            [(f"C1:{ts}", "U1", "hello there")]
+
+        # the seeds: 👍 and 👎 as Slack names; their echoes are not votes
+        await fake.wait_bot_reaction("C1", reply["ts"], "+1")
+        await fake.wait_bot_reaction("C1", reply["ts"], "-1")
+        await settle(fake)
+        # app_mention + message for one mention: exactly one reply, every envelope acked
+        assert len(bot_messages_in_thread(fake, "C1", ts)) == 1
+        assert (await bot.store.counts())["replies"] == 1 and (await bot.store.counts())["votes"] == 0
+        assert {e.event["type"] for e in fake.envelopes if e.event and e.event.get("ts") == ts} == \
+            {"app_mention", "message"}
+        assert fake.unknown_calls == []
+
+
+async def test_thread_reply_continues_the_context(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir, sampling={"max_new_tokens": 6}) as bot:
+        fake = bot.fake
+        ts, first, first_id = await ask(bot, "C1", "U1", "tell me a joke", mention_bot=True)
+        # bob answers in that thread without mentioning the bot: it is the bot's thread, so it replies
+        _, second, second_id = await ask(bot, "C1", "U2", "and another one", thread_ts=ts)
+        assert second["thread_ts"] == ts and second_id != first_id
+        prompt = bot.prompt_text(await bot.store.get_reply(second_id))
+        first_text = (await bot.store.get_reply(first_id)).text.strip()
+        assert "alice: tell me a joke" in prompt and "bob: and another one" in prompt
+        assert prompt.index("alice: tell me a joke") < prompt.index("bob: and another one")
+        if first_text:
+            assert first_text in prompt                  # the bot's own reply is an assistant turn
+        assert prompt.count("and another one") == 1      # the message itself is not also history
+
+        # not addressed: a top-level message, and a thread the bot is not in
+        other = await fake.user_message("C1", "U1", "just chatting")
+        await fake.user_message("C1", "U2", "me too", thread_ts=other)
+        await settle(fake)
+        assert bot_messages_in_thread(fake, "C1", other) == []
+        assert len(fake.bot_messages) == 2
+
+
+async def test_dms_and_configured_channels(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir, chat={"channels": ["C2"]}) as bot:
+        fake = bot.fake
+        ts, reply, _ = await ask(bot, "D1", "U1", "psst")                 # a DM: no mention needed
+        assert reply["thread_ts"] == ts
+        ts2, reply2, _ = await ask(bot, "C2", "U2", "anyone here?")        # a configured channel
+        assert reply2["thread_ts"] == ts2
+        await fake.user_message("C1", "U2", "not for you")                # elsewhere: only mentions
+        await settle(fake)
+        assert len(fake.bot_messages) == 2
+
+    async with slack_bot(tmp_path / "nodm", tiny_model_dir, chat={"reply_in_dms": False}) as bot:
+        await bot.fake.user_message("D1", "U1", "psst")
+        await settle(bot.fake)
+        assert bot.fake.bot_messages == []
+
+
+async def test_own_and_other_bots_events_are_ignored(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir, chat={"channels": ["C2"]}) as bot:
+        fake = bot.fake
+        fake.add_user("UOTHERBOT", "otherbot", is_bot=True)
+        ts, reply, reply_id = await ask(bot, "C2", "U1", "hi")
+        # another bot writing in an answered channel, even mentioning us: no reply
+        await fake.user_message("C2", "UOTHERBOT", "beep", bot=True, mention_bot=True)
+        # an edit (message_changed) and a join are not messages to answer
+        await fake.push_event({"type": "message", "subtype": "message_changed", "channel": "C2", "hidden": True,
+                               "ts": "1700000999.000100", "message": {"text": "<@UBOT> edited", "user": "U1"}})
+        await fake.push_event({"type": "message", "subtype": "channel_join", "channel": "C2", "user": "U2",
+                               "text": "<@U2> has joined the channel", "ts": "1700000999.000200"})
+        # the other bot reacting 👍 to our reply, and our own seeds: no votes
+        await fake.react("C2", reply["ts"], "UOTHERBOT", "+1")
+        await fake.wait_bot_reaction("C2", reply["ts"], "+1")
+        await settle(fake)
+        assert len(fake.bot_messages) == 1                    # our own echo did not start a loop
+        assert (await bot.store.counts())["votes"] == 0
+        assert (await bot.store.counts())["messages"] == 1
+
+
+async def test_seeds_only_on_generated_replies(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir, chat={"rate_limit_per_minute": 1}) as bot:
+        fake = bot.fake
+        ts, reply, _ = await ask(bot, "C1", "U1", "one", mention_bot=True)
+        await fake.wait_bot_reaction("C1", reply["ts"], "+1")
+        ts2 = await fake.user_message("C1", "U1", "two", mention_bot=True)      # over the per-user limit
+        note = await fake.wait_bot_message("C1", thread_ts=ts2)
+        assert "faster than I can learn" in note["text"]
+        await settle(fake)
+        assert [r["ts"] for r in fake.bot_reactions] == [reply["ts"], reply["ts"]]
+
+    async with slack_bot(tmp_path / "noseed", tiny_model_dir, rewards={"seed_reactions": False}) as bot:
+        await ask(bot, "C1", "U1", "one", mention_bot=True)
+        await settle(bot.fake)
+        assert bot.fake.calls_to("reactions.add") == []
+
+
+# -- reactions -----------------------------------------------------------------
+
+
+async def test_reactions_become_votes(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        ts, reply, reply_id = await ask(bot, "C1", "U1", "rate me", mention_bot=True)
+        votes = lambda: bot.rows("SELECT reply_id, user_id, emoji, value FROM votes ORDER BY user_id, emoji")
+
+        await fake.react("C1", reply["ts"], "U1", "+1::skin-tone-3")
+        await fake.react("C1", reply["ts"], "U2", "thumbsdown")
+        expected = [(reply_id, "U1", THUMBS_UP, 1.0), (reply_id, "U2", THUMBS_DOWN, -1.0)]
+        await until(lambda: _eq(votes(), expected), what="two votes")
+
+        # removal removes; a second spelling of the same emoji is the same vote
+        await fake.react("C1", reply["ts"], "U1", "+1::skin-tone-3", add=False)
+        await until(lambda: _eq(votes(), expected[1:]), what="vote removed")
+        await fake.react("C1", reply["ts"], "U2", "-1")
+        await fake.react("C1", reply["ts"], "U1", "thumbsup")
+        await until(lambda: _eq(votes(), expected), what="votes back")
+
+        # not a voting emoji, and a vote on a message that is not a bot reply: ignored
+        await fake.react("C1", reply["ts"], "U2", "tada")
+        await fake.react("C1", ts, "U2", "+1")
+        await settle(fake)
+        assert await votes() == expected
+        assert (await bot.store.get_reply(reply_id)).reward == 0.0
+
+
+async def _eq(rows_coro, expected) -> bool:
+    return (await rows_coro) == expected
+
+
+# -- the slash command ---------------------------------------------------------
+
+
+async def test_slash_command_as_admin(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir, chat={"admin_user_ids": ["U2"]}) as bot:
+        fake = bot.fake
+        # a workspace admin (users.info is_admin) asks for a retrain
+        rec = await fake.slash(CMD, "retrain", "UADMIN", "C1")
+        assert await fake.wait_ack(rec) == {}
+        resp = await fake.wait_response(rec)
+        assert resp["response_type"] == "ephemeral" and "Retrain request #1 queued" in resp["text"]
+        assert await bot.rows("SELECT platform, channel_id, requested_by, status FROM train_requests") == \
+            [("slack", "C1", "UADMIN", "pending")]
+
+        # the trainer's result goes back to the channel it came from
+        await bot.store.set_request_status(1, "done", "published v1 (mean reward +0.40)")
+        assert await bot.core.post_results({"slack": bot.adapter.post}) == 1
+        posted = await fake.wait_bot_message("C1")
+        assert posted["text"] == "Retrain #1: published v1 (mean reward +0.40)" and "thread_ts" not in posted
+
+        # a configured admin id: rollback, status, forget someone else
+        rec = await fake.slash(CMD, "rollback 0", "U2", "C2")
+        await fake.wait_ack(rec)
+        assert (await fake.wait_response(rec))["text"] == "Rolled back: now serving v0."
+        await ask(bot, "C1", "U1", "remember me", mention_bot=True)
+        rec = await fake.slash(CMD, "status", "U2", "C1")
+        assert "Replies: 1" in (await fake.wait_response(rec))["text"]
+        rec = await fake.slash(CMD, "forget <@U1|alice>", "U2", "C1")
+        assert (await fake.wait_response(rec))["text"].startswith("Forgot user U1: 1 messages, 1 replies")
+        assert (await bot.store.counts())["messages"] == 0
+        rec = await fake.slash(CMD, "", "U2", "C1")
+        assert "Usage: /reactlearn retrain" in (await fake.wait_response(rec))["text"]
+        for env in fake.envelopes:        # the ack frame may trail respond()'s POST; it still comes
+            if env.type == "slash_commands":
+                assert await fake.wait_ack(env) == {}
+
+
+async def test_slash_command_as_non_admin(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        await ask(bot, "C1", "U2", "bob was here", mention_bot=True)
+        for text, answer in [("retrain", "Only admins can use /retrain."),
+                             ("rollback 0", "Only admins can use /rollback."),
+                             ("forget <@U2|bob>", "You can only forget yourself; admins can forget others.")]:
+            rec = await fake.slash(CMD, text, "U1", "C1")
+            assert await fake.wait_ack(rec) == {}
+            resp = await fake.wait_response(rec)
+            assert resp == {"text": answer, "response_type": "ephemeral"} or \
+                (resp["text"] == answer and resp["response_type"] == "ephemeral")
+        assert await bot.rows("SELECT * FROM train_requests") == []
+        assert (await bot.store.counts())["messages"] == 1             # bob's data untouched
+        # anyone may forget themselves; status is open to all
+        rec = await fake.slash(CMD, "forget", "U2", "C1")
+        assert (await fake.wait_response(rec))["text"].startswith("Forgot user U2: 1 messages")
+        rec = await fake.slash(CMD, "status", "U1", "C1")
+        assert "Active version: v0" in (await fake.wait_response(rec))["text"]
+        assert fake.bot_messages[1:] == []                              # answers were ephemeral only
+
+
+# -- limits ----------------------------------------------------------------------
+
+
+async def test_long_reply_is_split(tmp_path, tiny_model_dir):
+    limit = 20
+    async with slack_bot(tmp_path, tiny_model_dir, slack={"message_chars": limit},
+                         sampling={"max_new_tokens": 64}) as bot:
+        fake = bot.fake
+        for attempt in range(4):      # a random tiny model may stop early; one long reply is enough
+            ts, first, reply_id = await ask(bot, "C1", "U1", f"say a lot {attempt}", mention_bot=True)
+            text = (await bot.store.get_reply(reply_id)).text
+            if len(escape(text)) > limit:
+                break
+        else:
+            pytest.fail("the tiny model never wrote more than 20 characters")
+        chunks = split_text(escape(text), limit)
+        assert len(chunks) >= 2
+        await until(lambda: len(bot_messages_in_thread(fake, "C1", ts)) == len(chunks), what="all parts")
+        posted = bot_messages_in_thread(fake, "C1", ts)
+        assert [m["text"] for m in posted] == chunks and all(len(m["text"]) <= limit for m in posted)
+        linked = await until(lambda: _linked(bot, reply_id, len(chunks)), what="parts linked")
+        assert sorted(linked) == sorted(f"C1:{m['ts']}" for m in posted)
+        # a vote on any part counts for the reply; seeds sit on the first part
+        await fake.wait_bot_reaction("C1", posted[0]["ts"], "+1")
+        await fake.react("C1", posted[-1]["ts"], "U2", "+1")
+        await until(lambda: bot.store.votes_for(reply_id), what="vote on the last part")
+
+        # a long trainer result (not generated) is split at the default too
+        await bot.store.add_train_request("slack", "C2", "UADMIN")
+        bot.cfg.slack.message_chars = 4000
+        await bot.store.set_request_status(1, "done", "x" * 9000)
+        await bot.core.post_results({"slack": bot.adapter.post})
+        parts = [m for m in fake.bot_messages if m["channel"] == "C2"]
+        assert [len(m["text"]) for m in parts] == [4000, 4000, 1000 + len("Retrain #1: ")]
+
+
+async def _linked(bot: Bot, reply_id: int, n: int):
+    rows = await bot.rows("SELECT platform_message_id FROM reply_messages WHERE reply_id = ?", (reply_id,))
+    return [r[0] for r in rows] if len(rows) == n else None
+
+
+async def test_rate_limited_calls_are_waited_out(tmp_path, tiny_model_dir):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        fake.rate_limit("chat.postMessage", times=2, retry_after=1)
+        fake.rate_limit("reactions.add", times=1, retry_after=1)
+        ts, reply, reply_id = await ask(bot, "C1", "U1", "are you there?", mention_bot=True)
+        assert [c.status for c in fake.calls_to("chat.postMessage")] == [429, 429, 200]
+        assert len(bot_messages_in_thread(fake, "C1", ts)) == 1
+        await fake.wait_bot_reaction("C1", reply["ts"], "+1")
+        await fake.wait_bot_reaction("C1", reply["ts"], "-1")
+        assert [c.status for c in fake.calls_to("reactions.add")][:2] == [429, 200]
