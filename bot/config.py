@@ -101,8 +101,9 @@ class SlackConfig:
 @dataclass
 class Config:
     data_dir: str = setting("./data", "Folder holding the SQLite database and published model versions.")
-    platforms: list = setting([], 'Chat platforms to serve: [] for the console playground, or any of '
-                              '"discord", "slack".')
+    platforms: list | None = setting(None, 'Chat platforms to serve: [] for the console playground, or any of '
+                                     '"discord", "slack". Left out: chosen from the tokens in the environment '
+                                     '(DISCORD_TOKEN → discord; SLACK_BOT_TOKEN + SLACK_APP_TOKEN → slack).')
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR.")
     model: ModelConfig = setting(None, "The language model.")
     sampling: SamplingConfig = setting(None, "Sampling settings.")
@@ -119,8 +120,9 @@ class Config:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None:  # nested sections default to their own defaults
-                setattr(self, f.name, _field_type(Config, f.name)())
+            tp = _field_type(Config, f.name)
+            if getattr(self, f.name) is None and dataclasses.is_dataclass(tp):  # sections default to their defaults
+                setattr(self, f.name, tp())
 
     @property
     def db_path(self) -> Path:
@@ -178,6 +180,7 @@ def _check(ok: bool, key: str, fix: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Checks that go beyond types. Raises ConfigError naming the key and the fix."""
+    cfg.platforms = list(cfg.platforms or [])
     for p in cfg.platforms:
         _check(p in PLATFORMS, "platforms", f"unknown platform {p!r}; use any of {list(PLATFORMS)} or [] for the console.")
     if "discord" in cfg.platforms:
@@ -223,4 +226,7 @@ def load_config(path: Path | None = None, env: dict | None = None) -> Config:
     for f in dataclasses.fields(Config):
         if "env" in f.metadata:
             setattr(cfg, f.name, Secret(env.get(f.metadata["env"], "").strip()))
+    if cfg.platforms is None:   # not in the file: serve whatever has tokens, else the console
+        cfg.platforms = (["discord"] if cfg.discord_token else []) + \
+                        (["slack"] if cfg.slack_bot_token and cfg.slack_app_token else [])
     return validate(cfg)

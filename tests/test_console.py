@@ -94,3 +94,18 @@ def test_example_config_is_valid_and_covers_every_setting():
                     f"{f.name}.{sub.name} missing from the example"
         elif "env" not in f.metadata and f.name != "trainer":
             assert f"{f.name} =" in text, f"{f.name} missing from the example"
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, []),
+    ({"DISCORD_TOKEN": "t"}, ["discord"]),
+    ({"SLACK_BOT_TOKEN": "xoxb-1"}, []),                       # Slack needs both tokens
+    ({"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "DISCORD_TOKEN": "t"}, ["discord", "slack"]),
+])
+def test_platforms_follow_the_tokens_unless_set(tmp_path, env, expected):
+    from bot.config import load_config
+
+    assert load_config(None, env=env).platforms == expected
+    path = tmp_path / "console.toml"
+    path.write_text("platforms = []\n")
+    assert load_config(path, env=env).platforms == []          # an explicit [] keeps the console
