@@ -188,13 +188,12 @@ class ChatCore:
         log.info("rolled back to v%d", version)
         return CommandResult(f"Rolled back: now serving v{version}.", ok=True)
 
-    async def status_text(self) -> str:
+    async def status_text(self, n_versions: int = 5) -> str:
         s = self.store
         counts = await s.counts()
         active = await s.active_version()
         ratings = await s.rating_by_version()
-        published = [v.id for v in await s.versions() if v.status == "published"]
-        previous = max([v for v in published if v < active], default=None)
+        versions = await s.versions()
         waiting = await s.count_rated_since(await s.last_trained_reply_id(), time.time())
         beat = await s.get_state("trainer_heartbeat")
         age = f"{time.time() - float(beat):.0f}s ago" if beat else "never"
@@ -202,12 +201,19 @@ class ChatCore:
         if self.serving_error:
             lines.append(f"Refused checkpoint: {self.serving_error}")
         lines.append(f"Replies: {counts['replies']}, votes: {counts['votes']}, rated replies: {counts['rated']}")
+        previous = max([v.id for v in versions if v.status == "published" and v.id < active], default=None)
         for label, v in (("active", active), ("previous", previous)):
             if v is not None:
                 n, rate = ratings.get(v, (0, None))
                 lines.append(f"Like-rate of {label} v{v}: " + (f"{rate:.0%} of {n} rated" if n else "no votes yet"))
         lines.append(f"Rated replies waiting for the next round: {waiting}")
         lines.append(f"Trainer heartbeat: {age}")
+        lines.append("Versions (newest first):")
+        for v in versions[::-1][:n_versions]:
+            n, rate = ratings.get(v.id, (0, None))
+            liked = f"liked {rate:.0%} of {n}" if n else "no votes"
+            what = f"rejected: {v.reason}" if v.status == "rejected" else liked
+            lines.append(f"  v{v.id}{' (active)' if v.id == active else ''}: {what}")
         return "\n".join(lines)
 
     # -- background: hot-swap and trainer results ------------------------------

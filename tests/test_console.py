@@ -34,6 +34,7 @@ def test_console_through_a_pipe(tmp_path, tiny_model_dir):
     assert any(line.startswith("bot [#2]> ") for line in lines)
     assert "(👎 on #1)" in lines and "(👎 on #2)" in lines
     assert "Replies: 2, votes: 2, rated replies: 2" in out.stdout
+    assert "  v0 (active): liked 0% of 2" in lines      # the versions list in /status
     assert "(there is no reply #99)" in lines
     assert "There is no version 7." in lines
     db = sqlite3.connect(tmp_path / "data" / "reactlearn.sqlite3")
