@@ -16,7 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bot.config import Config, ConfigError, load_config
+# Two torch processes (bot and trainer) share the cores: with OpenMP's default busy-wait
+# policy they slow each other down several times over. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bot.config import Config, ConfigError, load_config  # noqa: E402
 
 log = logging.getLogger("bot")
 

@@ -244,7 +244,7 @@ class Policy:
 
     async def install_version(self, version: int, path: str | Path, sha256: str) -> None:
         """Verify and load a published version beside the current ones. Raises VersionError."""
-        weights = await asyncio.to_thread(_read_verified, Path(path), sha256)
+        weights = await asyncio.to_thread(read_verified_version, Path(path), sha256)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -315,7 +315,7 @@ def _settle(fut: asyncio.Future, result: Any) -> None:
         fut.set_result(result)
 
 
-def _read_verified(path: Path, sha256: str) -> tuple[str, dict]:
+def read_verified_version(path: Path, sha256: str) -> tuple[str, dict]:
     """Read a version folder, check the weights' sha256 against the registry, parse them."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():

@@ -403,6 +403,11 @@ class Store:
             " finished_at = ? WHERE id = ?",
             (status, version, n_replies, mean_reward, kl, loss, reason, time.time(), round_id))
 
+    async def fail_unfinished_rounds(self, reason: str) -> int:
+        """Close rounds left 'running' by a trainer that died; returns how many."""
+        return await self._write("UPDATE rounds SET status = 'failed', reason = ?, finished_at = ? WHERE status = 'running'",
+                                 (reason, time.time()))
+
     async def rounds(self) -> list[dict]:
         return [dict(r) for r in await self._all("SELECT * FROM rounds ORDER BY id")]
 

@@ -1,0 +1,126 @@
+"""Publishing is atomic, verified by the bot, and old folders are pruned safely."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bot.chat import ChatCore
+from bot.events import Command, Message
+from bot.policy import Policy
+from tests.trainer_helpers import (add_rated, prompt_ids, store_for, tiny_config,  # noqa: F401
+                                   token_logps, trainer_config)
+from trainer.publish import clean_stale, prune, publish, stage, version_dirname
+from trainer.round import Learner, run_round
+
+
+async def seed(store, learner, n: int = 4):
+    learner.load()
+    tok = learner.tokenizer
+    p = prompt_ids(tok, "hello there")
+    for i in range(n):
+        out = tok.encode(" yes sure" if i % 2 else " no bad", add_special_tokens=False) + [tok.eos_token_id]
+        await add_rated(store, p, out, token_logps(learner.base, p, out), 1.0 if i % 2 else -1.0)
+
+
+class Crash(Exception):
+    pass
+
+
+def visible_versions(cfg) -> list[str]:
+    d = cfg.versions_dir
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
+
+
+@pytest.mark.asyncio
+async def test_crash_before_rename_leaves_no_visible_version(tmp_path, tiny_model_dir, store_for):
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1})
+    tcfg = trainer_config(cfg)
+    store = await store_for(cfg)
+    learner = Learner(cfg, tcfg)
+    await seed(store, learner)
+    seen = []
+
+    def crash(tmp):
+        seen.append(sorted(p.name for p in tmp.iterdir()))
+        raise Crash("power cut")
+
+    result = await run_round(store, cfg, tcfg, learner, use_all=True, before_rename=crash)
+    assert result.status == "failed" and "publishing failed: Crash: power cut" in result.reason
+    assert seen == [["README.md", "adapter_config.json", "adapter_model.safetensors", "meta.json"]]
+    assert visible_versions(cfg) == []
+    assert [v.id for v in await store.versions()] == [0] and await store.active_version() == 0
+
+    # a real crash cannot clean up: the files were written, the rename never happened
+    model, kind, _, _ = learner.candidate(None, seed=0)
+    tmp, sha = stage(cfg.versions_dir, 1, model, kind, {})
+    assert tmp.name == f".tmp-v0001-{os.getpid()}" and (tmp / "adapter_model.safetensors").is_file()
+    # ... or it crashed after the rename, before the registry row was committed
+    (cfg.versions_dir / "v0007").mkdir()
+    assert visible_versions(cfg) == ["v0007"] and await store.get_version(7) is None   # the bot never looks
+    # the next trainer start removes both
+    removed = await clean_stale(store, cfg.versions_dir)
+    assert sorted(p.name for p in removed) == [tmp.name, "v0007"]
+    assert list(cfg.versions_dir.iterdir()) == []
+    # and the next round publishes normally
+    result = await run_round(store, cfg, tcfg, learner, use_all=True)
+    assert result.status == "published" and visible_versions(cfg) == ["v0001"]
+
+
+@pytest.mark.asyncio
+async def test_tampered_weights_are_refused_and_the_old_version_keeps_serving(tmp_path, tiny_model_dir, store_for):
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1})
+    tcfg = trainer_config(cfg)
+    store = await store_for(cfg)
+    learner = Learner(cfg, tcfg)
+    await seed(store, learner)
+    assert (await run_round(store, cfg, tcfg, learner, use_all=True)).status == "published"
+    policy = Policy.from_config(cfg)
+    try:
+        core = ChatCore(cfg, store, policy)
+        await core.sync_version()
+        assert policy.active_version == 1
+        # v2 is published, then its weights are changed on disk after the checksum was registered
+        await add_rated(store, [1, 2, 3], [4, 5], [-1.0, -1.0], 1.0)
+        assert (await run_round(store, cfg, tcfg, learner, use_all=True)).status == "published"
+        weights = cfg.versions_dir / "v0002" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+        await core.sync_version()
+        assert policy.active_version == 1 and not policy.is_loaded(2)
+        assert "sha256 mismatch" in core.serving_error
+        assert "sha256 mismatch" in await store.get_state("serving_error")
+        sent = []
+
+        async def send(text):
+            sent.append(text)
+            return [f"p{len(sent)}"]
+
+        rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello"), [], send)
+        assert rid is not None and (await store.get_reply(rid)).version == 1
+        status = (await core.on_command(Command("console", "c", "u", "status"))).text
+        assert "Active version: v2 (serving v1)" in status
+        assert "Refused checkpoint: v2:" in status and "sha256 mismatch" in status
+        # the trainer refuses to continue from it too
+        result = await run_round(store, cfg, tcfg, learner, use_all=True)
+        assert result.status == "failed" and "sha256 mismatch" in result.reason
+    finally:
+        policy.close()
+
+
+@pytest.mark.asyncio
+async def test_prune_keeps_newest_and_the_active_version_with_its_parent(tmp_path, tiny_model_dir, store_for):
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    store = await store_for(cfg)
+    learner = Learner(cfg, trainer_config(cfg))
+    model, kind, _, _ = learner.candidate(None, seed=0)
+    for v in range(1, 6):
+        await publish(store, cfg.versions_dir, version=v, parent=v - 1, model=model, kind=kind, meta={},
+                      metrics={"last_reply_id": 0})
+    await store.activate(3)          # an admin rolled back to v3 (parent v2)
+    removed = await prune(store, cfg.versions_dir, keep=2)
+    assert [p.name for p in removed] == [version_dirname(1)]
+    assert visible_versions(cfg) == ["v0002", "v0003", "v0004", "v0005"]

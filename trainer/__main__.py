@@ -1,0 +1,249 @@
+"""python -m trainer: the learning loop, one round at a time.
+
+    python -m trainer [--config reactlearn.toml] [--check-config] [--once] [--help-config]
+
+- One trainer per data_dir: an flock on ``data_dir/trainer.lock``; a second one exits
+  with a message and exit code 2.
+- At start: remove leftovers of crashed publishes (``versions/.tmp-*``, unregistered
+  version folders) and fail train requests left "running" by a trainer that died
+  mid-round (a crash may be caused by the request, so it is not retried blindly).
+- Heartbeat: state key ``trainer_heartbeat`` (unix time) every ``heartbeat_seconds``,
+  also during a round (the round's compute runs in a worker thread).
+- Train requests (/retrain) are picked up within a couple of seconds; all pending ones
+  are served by one round over every rated reply (no settle wait); each ends "done"
+  with the round's summary ("v7 published: ..." / "v7 rejected: ...") or "failed".
+- Otherwise every ``interval_seconds``: a round when at least ``min_new_ratings``
+  settled rated replies arrived since the last published (or rejected/failed) round.
+- SIGTERM/SIGINT: the round in flight stops at its next step and publishes nothing; its
+  train requests go back to "pending", so the next start serves them. Exit code 0.
+  A second signal exits at once.
+- ``--once``: serve pending requests, or else one round if enough new ratings are
+  settled (ignoring the interval), then exit.
+
+The trainer imports nothing from bot.adapters, so it never loads a chat SDK.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported: OpenMP worker threads sleep instead of spinning between
+# parallel regions. The trainer shares a small box with the bot; with spinning threads,
+# two torch processes on 2 cores slowed each other down ~10-30x in our measurements
+# (bench/round_time.py); sleeping threads cost almost nothing when the box is idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import fcntl  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bot.config import ConfigError, load_config  # noqa: E402
+from bot.store import Store  # noqa: E402
+from trainer.config import TrainerConfig, load_trainer_config  # noqa: E402
+
+log = logging.getLogger("trainer")
+LOCK_NAME = "trainer.lock"
+ATTEMPTED_KEY = "trainer_last_attempted_reply_id"
+REQUEST_POLL_SECONDS = 2.0
+
+
+class AlreadyRunning(Exception):
+    """Another trainer holds the lock for this data_dir."""
+
+
+def acquire_lock(data_dir: Path):
+    """Take the single-instance lock (kept while the returned file stays open).
+
+    Raises AlreadyRunning with a message naming the holder's pid and the lock file."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_NAME
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise AlreadyRunning(f"another trainer is already running for {data_dir} (pid {holder}, lock {path}); "
+                             "stop it first, or point this one at another data_dir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg, tcfg: TrainerConfig):
+        from trainer.round import Learner
+
+        self.cfg, self.tcfg = cfg, tcfg
+        self.stop = threading.Event()          # checked by the round's worker thread every step
+        self.wake = asyncio.Event()
+        self.learner = Learner(cfg, tcfg)
+        self.store: Store | None = None
+        self._signals = 0
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("%s: stopping (the round in flight, if any, publishes nothing)", signal.Signals(signum).name)
+        self.stop.set()
+        self.wake.set()
+
+    async def run(self, once: bool = False) -> int:
+        from trainer.publish import clean_stale
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.store = store = await Store.open(self.cfg.db_path)
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            await clean_stale(store, self.cfg.versions_dir)
+            for req in await store.train_requests("running"):
+                await store.set_request_status(req["id"], "failed", "the trainer stopped unexpectedly during this "
+                                                                    "round; ask again with /retrain")
+                log.warning("request #%d was left running by a crashed trainer; marked failed", req["id"])
+            if n := await store.fail_unfinished_rounds("the trainer stopped unexpectedly during this round"):
+                log.warning("%d round(s) left running by a crashed trainer; marked failed", n)
+            log.info("trainer ready: data %s, model %s, active v%d", self.cfg.data_dir, self.cfg.model.name,
+                     await store.active_version())
+            next_scheduled = 0.0
+            while not self.stop.is_set():
+                served = await self.serve_requests()
+                if not served and (once or time.monotonic() >= next_scheduled):
+                    next_scheduled = time.monotonic() + self.tcfg.interval_seconds
+                    await self.scheduled_round()
+                if once:
+                    break
+                self.wake.clear()
+                if self.stop.is_set():
+                    break
+                try:
+                    await asyncio.wait_for(self.wake.wait(), REQUEST_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            await store.close()
+        log.info("trainer stopped")
+        return 0
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.store.set_state("trainer_heartbeat", f"{time.time():.3f}")
+            except Exception:  # noqa: BLE001 - a locked database now and then must not stop the beat
+                log.exception("heartbeat failed")
+            await asyncio.sleep(self.tcfg.heartbeat_seconds)
+
+    async def serve_requests(self) -> bool:
+        """One round for all pending train requests. Returns whether there were any."""
+        from trainer.round import run_round
+
+        store = self.store
+        pending = await store.train_requests("pending")
+        if not pending:
+            return False
+        ids = [r["id"] for r in pending]
+        for rid in ids:
+            await store.set_request_status(rid, "running")
+        log.info("serving train request(s) %s", ", ".join(f"#{i}" for i in ids))
+        result = await run_round(store, self.cfg, self.tcfg, self.learner, request_id=ids[-1], use_all=True,
+                                 stop=self.stop)
+        if result.interrupted:
+            for rid in ids:
+                await store.set_request_status(rid, "pending")
+            log.info("request(s) %s back to pending (interrupted)", ids)
+            return True
+        status = "failed" if result.status == "failed" else "done"
+        for rid in ids:
+            await store.set_request_status(rid, status, result.summary())
+        await self._attempted(result)
+        return True
+
+    async def scheduled_round(self) -> None:
+        from trainer.round import run_round
+
+        store = self.store
+        since = max(await store.last_trained_reply_id(), int(await store.get_state(ATTEMPTED_KEY, "0")))
+        new = await store.count_rated_since(since, time.time() - self.tcfg.settle_seconds)
+        if new < self.tcfg.min_new_ratings:
+            log.debug("no round: %d new settled rated replies (< %d)", new, self.tcfg.min_new_ratings)
+            return
+        log.info("scheduled round: %d new settled rated replies", new)
+        result = await run_round(store, self.cfg, self.tcfg, self.learner, stop=self.stop)
+        if not result.interrupted:
+            await self._attempted(result)
+
+    async def _attempted(self, result) -> None:
+        """Remember the newest reply a finished round saw, so a rejected or failed round is not
+        repeated on the same ratings every interval (published ones count via the registry)."""
+        if result.last_reply_id is not None and result.status in ("rejected", "failed"):
+            await self.store.set_state(ATTEMPTED_KEY, str(result.last_reply_id))
+
+
+def config_help() -> str:
+    """The [trainer] table with every setting at its default, each under its help text."""
+    import dataclasses
+    import json
+    import textwrap
+
+    lines = ["[trainer]"]
+    for f in dataclasses.fields(TrainerConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines += [f"# {line}" for line in textwrap.wrap(f.metadata["help"], 96)]
+        lines.append(f"{f.name} = {json.dumps(default)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer", description="reactlearn's trainer: learns from the "
+                                 "emoji reactions recorded by the bot and publishes new model versions.")
+    ap.add_argument("--config", type=Path, default=None, help="TOML config file (default: $REACTLEARN_CONFIG, "
+                    "or built-in defaults)")
+    ap.add_argument("--check-config", action="store_true", help="validate the config (incl. [trainer]) and exit")
+    ap.add_argument("--once", action="store_true", help="serve pending requests or run one due round, then exit")
+    ap.add_argument("--help-config", action="store_true", help="print every [trainer] setting with its default "
+                    "and help, as TOML, and exit")
+    args = ap.parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        return 0
+    try:
+        cfg = load_config(args.config)
+        tcfg = load_trainer_config(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"config OK: data_dir {cfg.data_dir}, model {cfg.model.name}, trainer "
+              f"{'full fine-tune' if tcfg.full_finetune else f'LoRA r={tcfg.lora_rank}'}, lr {tcfg.lr:g}, "
+              f"epochs {tcfg.epochs}, round every {tcfg.interval_seconds:g}s given {tcfg.min_new_ratings} new ratings")
+        return 0
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_dir = Path(cfg.data_dir).expanduser()
+    try:
+        lock = acquire_lock(data_dir)
+    except AlreadyRunning as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(Trainer(cfg, tcfg).run(once=args.once))
+    finally:
+        lock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

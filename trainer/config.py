@@ -1,0 +1,102 @@
+"""The trainer's hyper-parameters: the ``[trainer]`` table of the same TOML file.
+
+    tcfg = load_trainer_config(cfg)      # build from cfg.trainer, then validate()
+
+Every field has help text (``metadata["help"]``) like the bot's settings. Defaults are
+sized for SmolLM2-135M on 2 CPU cores: a round over 32 rated replies of ~60 tokens takes
+about 2 minutes (bench/round_time.py), a LoRA version is ~3.7 MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bot.config import Config, ConfigError, build, setting
+
+BASELINES = ("mean", "mean_std", "none")
+
+
+@dataclass
+class TrainerConfig:
+    # -- when to train ----------------------------------------------------------
+    interval_seconds: float = setting(600.0, "How often the trainer considers a scheduled round (train requests "
+                                      "are picked up at once, whatever this says).")
+    min_new_ratings: int = setting(16, "A scheduled round runs only when at least this many settled rated replies "
+                                   "arrived since the last published round.")
+    settle_seconds: float = setting(600.0, "A reply's votes count as settled this long after the reply was sent "
+                                    "(people react late). Retrain requests ignore it and use every rated reply.")
+    window: int = setting(256, "Most rated replies one round learns from (the newest ones; earlier rounds' replies "
+                          "may be reused, importance ratios and clipping keep that safe).")
+    # -- the update -------------------------------------------------------------
+    baseline: str = setting("mean", 'Advantage = reward - baseline: "mean" (batch mean), "mean_std" (also divide '
+                            'by the std, GRPO-style) or "none".')
+    lr: float = setting(2e-4, "AdamW learning rate.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    epochs: int = setting(2, "Passes over the round's replies.")
+    minibatch_size: int = setting(8, "Replies per optimizer step.")
+    clip_eps: float = setting(0.2, "PPO clip range: the ratio new/behaviour policy is clipped to 1 ± clip_eps.")
+    kl_coef: float = setting(0.05, "Weight of the KL(policy ‖ reference) penalty per token; the reference is the "
+                             "base model (adapter off).")
+    max_grad_norm: float = setting(1.0, "Gradients are clipped to this global norm before each step.")
+    # -- what is trained ----------------------------------------------------------
+    full_finetune: bool = setting(False, "Train every weight instead of a LoRA adapter (versions are then the "
+                                  "size of the model, and the KL reference is a second copy of the base).")
+    lora_rank: int = setting(8, "LoRA rank r.")
+    lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = setting(0.0, "LoRA dropout. 0 keeps the recomputed logprobs exactly the sampled ones "
+                                  "before the first step (ratio 1), which the importance ratio relies on.")
+    target_modules: list = setting(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                   "Module names that get LoRA adapters (Llama/SmolLM names by default).")
+    # -- gates ------------------------------------------------------------------
+    max_kl: float = setting(0.5, "Gate: mean per-token KL(candidate ‖ base) on the probe prompts, in nats, "
+                            "must stay at or below this.")
+    max_repetition: float = setting(0.5, "Gate: mean share of repeated word 3-grams in the probe replies must "
+                                    "stay at or below this (catches degenerate loops).")
+    max_empty_share: float = setting(0.25, "Gate: at most this share of probe replies may be empty.")
+    probe_max_new_tokens: int = setting(48, "Tokens sampled per probe prompt for the gates.")
+    # -- housekeeping -------------------------------------------------------------
+    keep_versions: int = setting(5, "Published version folders kept on disk (the active one and its parent are "
+                                 "always kept).")
+    heartbeat_seconds: float = setting(10.0, "How often the trainer writes its heartbeat (shown by /status), "
+                                       "also during a round.")
+    seed: int = setting(0, "Random seed for shuffling, LoRA init and probe sampling (rounds are reproducible).")
+    threads: int = setting(0, "torch CPU threads for training; 0 keeps torch's default.")
+
+    def validate(self) -> "TrainerConfig":
+        """Checks beyond types. Raises ConfigError naming the key and the fix."""
+        def check(ok: bool, key: str, fix: str) -> None:
+            if not ok:
+                raise ConfigError(f"'trainer.{key}': {fix} (got {getattr(self, key)!r})")
+
+        check(self.interval_seconds > 0, "interval_seconds", "must be > 0 seconds.")
+        check(self.min_new_ratings >= 2, "min_new_ratings", "must be at least 2 (one reply carries no signal "
+                                                            "against a mean baseline).")
+        check(self.settle_seconds >= 0, "settle_seconds", "must be >= 0 seconds.")
+        check(self.window >= 2, "window", "must be at least 2.")
+        check(self.baseline in BASELINES, "baseline", f"use one of {list(BASELINES)}.")
+        check(0 < self.lr <= 1e-2, "lr", "must be in (0, 0.01]; 1e-4 to 5e-4 suits LoRA.")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0.")
+        check(1 <= self.epochs <= 1000, "epochs", "must be between 1 and 1000.")
+        check(self.minibatch_size >= 1, "minibatch_size", "must be at least 1.")
+        check(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1); 0.2 is usual.")
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0.")
+        check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0.")
+        check(self.lora_rank >= 1, "lora_rank", "must be at least 1.")
+        check(self.lora_alpha > 0, "lora_alpha", "must be > 0.")
+        check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1).")
+        check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+              "target_modules", 'must be a non-empty list of module names, e.g. ["q_proj", "v_proj"].')
+        check(self.max_kl > 0, "max_kl", "must be > 0 nats.")
+        check(0 < self.max_repetition <= 1, "max_repetition", "must be in (0, 1].")
+        check(0 <= self.max_empty_share <= 1, "max_empty_share", "must be in [0, 1].")
+        check(1 <= self.probe_max_new_tokens <= 1024, "probe_max_new_tokens", "must be between 1 and 1024.")
+        check(self.keep_versions >= 2, "keep_versions", "must be at least 2 (the active version and one to "
+                                                        "roll back to).")
+        check(self.heartbeat_seconds > 0, "heartbeat_seconds", "must be > 0 seconds.")
+        check(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default).")
+        return self
+
+
+def load_trainer_config(cfg: Config) -> TrainerConfig:
+    """The validated trainer settings from ``cfg.trainer`` (the [trainer] table)."""
+    return build(TrainerConfig, cfg.trainer, "trainer").validate()

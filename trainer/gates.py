@@ -1,0 +1,168 @@
+"""Checks a candidate must pass before it is published.
+
+The candidate answers a few fixed everyday prompts (the probes) with the serving
+settings: same system prompt and chat template as the bot, same temperature and top-p.
+Then:
+
+- KL: the mean per-token KL(candidate ‖ reference) along the candidate's own sampled
+  tokens, computed exactly over the whole vocabulary at each position (no estimator):
+  sum_v p_c(v) (log p_c(v) - log p_r(v)) with both distributions tempered by the serving
+  temperature (top-p truncation is ignored). Reference = the same model with the
+  adapter off, i.e. the base model (for a full fine-tune, the cached base copy).
+- no degenerate output: at most ``max_empty_share`` of the replies empty, and the mean
+  share of repeated word 3-grams at most ``max_repetition``;
+- the training loss was finite.
+
+A GateReport says which check failed, with the numbers, in words a person can act on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from trainer.data import Example, collate, reply_logits, tempered
+
+PROBES = [
+    "Hi! How are you doing today?",
+    "Can you recommend a good book for a rainy weekend?",
+    "What's a quick and healthy breakfast idea?",
+    "I'm feeling a bit stressed about work. Any advice?",
+    "Tell me a fun fact about space.",
+    "How do I make a good cup of coffee at home?",
+    "What should I name my new cat?",
+    "Thanks for the help earlier!",
+]
+
+
+class Interrupted(Exception):
+    """The stop event was set; the round publishes nothing."""
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    reason: str                 # '' when passed; otherwise e.g. "KL 0.91 > 0.5"
+    kl: float
+    repetition: float
+    empty_share: float = 0.0
+    samples: list[str] = field(default_factory=list)
+
+    def as_metrics(self) -> dict:
+        return {"probe_kl": self.kl, "probe_repetition": self.repetition, "probe_empty_share": self.empty_share,
+                "probe_samples": self.samples}
+
+
+def render_prompt(tokenizer, system_prompt: str, text: str) -> list[int]:
+    """Token ids of a one-message conversation, rendered exactly as bot.policy.Policy._render
+    renders it (system message first when set, then the user turn, generation prompt)."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one: 0 for varied text, → 1 for loops."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, stop: threading.Event | None):
+        self.stop = stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = bool(self.stop is not None and self.stop.is_set())
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+
+@torch.no_grad()
+def sample_probes(model, tokenizer, prompts: list[list[int]], *, temperature: float, top_p: float,
+                  max_new_tokens: int, seed: int, stop: threading.Event | None = None):
+    """Sample one reply per prompt. Returns (input_ids, attention, prompt_width, replies) where
+    replies[i] is the sampled ids up to and including the end-of-turn token."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                           max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+    with torch.random.fork_rng(devices=[]):   # seeded probes without resetting the process's RNG
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen,
+                             stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
+    if stop is not None and stop.is_set():
+        raise Interrupted("stopped while sampling probe replies")
+    replies = []
+    for row in out[:, width:].tolist():
+        n = row.index(eos) + 1 if eos in row else len(row)
+        replies.append(row[:n])
+    return replies
+
+
+def _token_dists(model, prompts: list[list[int]], replies: list[list[int]], temperature: float, pad: int):
+    """log p(· | prefix) over the vocabulary at each reply position: [B, T, V], and the mask [B, T]."""
+    examples = [Example(0, p, r or [pad], [0.0] * max(1, len(r)), temperature, 0.0) for p, r in zip(prompts, replies)]
+    batch = collate(examples, pad)
+    for i, r in enumerate(replies):
+        if not r:
+            batch.mask[i] = 0.0
+    logp = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), dim=-1)   # [B, T, V]
+    return logp, batch.mask
+
+
+@torch.no_grad()
+def probe_kl(candidate, reference, prompts, replies, temperature: float, pad: int) -> float:
+    """Mean over reply tokens of the exact KL(candidate ‖ reference) at that position.
+
+    ``reference`` is a module, or None to run ``candidate`` with its adapter disabled."""
+    if not any(replies):
+        return 0.0
+    logp_c, mask = _token_dists(candidate, prompts, replies, temperature, pad)
+    if reference is None:
+        with candidate.disable_adapter():
+            logp_r, _ = _token_dists(candidate, prompts, replies, temperature, pad)
+    else:
+        logp_r, _ = _token_dists(reference, prompts, replies, temperature, pad)
+    kl = (logp_c.exp() * (logp_c - logp_r)).sum(-1)                           # [B, T]
+    return float((kl * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def run_gates(candidate, reference, tokenizer, *, system_prompt: str, temperature: float, top_p: float,
+              tcfg, loss: float, stop: threading.Event | None = None) -> GateReport:
+    """Sample the probes with the candidate and check it. ``reference`` as in :func:`probe_kl`."""
+    if not math.isfinite(loss):
+        return GateReport(False, f"training loss is not finite ({loss})", float("nan"), 0.0)
+    was_training = candidate.training
+    candidate.eval()
+    try:
+        prompts = [render_prompt(tokenizer, system_prompt, p) for p in PROBES]
+        replies = sample_probes(candidate, tokenizer, prompts, temperature=temperature, top_p=top_p,
+                                max_new_tokens=tcfg.probe_max_new_tokens, seed=tcfg.seed, stop=stop)
+        kl = probe_kl(candidate, reference, prompts, replies, temperature, tokenizer.pad_token_id)
+    finally:
+        candidate.train(was_training)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
+    rep = sum(repetition(t) for t in texts) / len(texts)
+    empty = sum(1 for t in texts if not t) / len(texts)
+    report = GateReport(True, "", kl, rep, empty, texts)
+    if not math.isfinite(kl):
+        report.passed, report.reason = False, f"probe KL is not finite ({kl})"
+    elif kl > tcfg.max_kl:
+        report.passed, report.reason = False, f"KL {kl:.2g} > {tcfg.max_kl:g}"
+    elif empty > tcfg.max_empty_share:
+        report.passed, report.reason = False, f"{empty:.0%} of probe replies empty > {tcfg.max_empty_share:.0%}"
+    elif rep > tcfg.max_repetition:
+        report.passed, report.reason = False, f"repetition {rep:.2f} > {tcfg.max_repetition:g}"
+    return report

@@ -1,0 +1,200 @@
+"""Publishing model versions so that a crash never leaves a half-written one visible.
+
+    versions_dir/
+      .tmp-v0007-4242/    being written by trainer pid 4242 (removed at the next start)
+      v0007/              published: meta.json + the weights file
+        meta.json         {"version", "parent", "kind", "weights_file", "sha256", ...}
+        adapter_model.safetensors + adapter_config.json   (kind "lora", peft format)
+        model.safetensors                                 (kind "full")
+
+Steps (:func:`publish`): write everything into the tmp folder, fsync each file and the
+folder, ``os.rename`` it to ``vNNNN`` (atomic on one filesystem), fsync ``versions_dir``,
+then one transaction registers the version and makes it active. The bot only loads
+versions it finds in the registry and checks the weights' sha256 against it, so:
+
+- a crash before the rename leaves only a ``.tmp-*`` folder, which nobody reads;
+- a crash between the rename and the registry commit leaves a ``vNNNN`` folder without
+  a registry row; :func:`clean_stale` removes both kinds at trainer start.
+
+A rejected candidate gets a registry row (status "rejected", the reason) and no files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from bot.models import fsync_dir, sha256_file
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+LORA_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "model.safetensors"
+
+
+def version_dirname(version: int) -> str:
+    return f"v{version:04d}"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync every file in ``folder`` (flat) and then the folder itself."""
+    for p in folder.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights for safetensors: contiguous, CPU, tied duplicates (lm_head) dropped."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        ptr = t.data_ptr()
+        if ptr in seen:            # tied to a tensor already saved (e.g. lm_head = embed_tokens)
+            continue
+        seen.add(ptr)
+        out[name] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def write_weights(folder: Path, model, kind: str) -> str:
+    """Write the candidate's weights into ``folder``; returns the weights file name."""
+    if kind == "lora":
+        model.save_pretrained(str(folder), safe_serialization=True)
+        if not (folder / LORA_WEIGHTS).is_file():
+            raise RuntimeError(f"peft did not write {LORA_WEIGHTS} in {folder}")
+        return LORA_WEIGHTS
+    if kind == "full":
+        save_file(full_state_dict(model), str(folder / FULL_WEIGHTS), metadata={"format": "pt"})
+        return FULL_WEIGHTS
+    raise ValueError(f"unknown version kind {kind!r}")
+
+
+def stage(versions_dir: Path, version: int, model, kind: str, meta: dict) -> tuple[Path, str]:
+    """Write weights + meta.json into ``versions_dir/.tmp-vNNNN-PID`` and fsync them.
+
+    Returns (tmp folder, sha256 of the weights). Nothing is visible yet."""
+    versions_dir.mkdir(parents=True, exist_ok=True)
+    tmp = versions_dir / f"{TMP_PREFIX}{version_dirname(version)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights_file = write_weights(tmp, model, kind)
+    sha = sha256_file(tmp / weights_file)
+    meta = {**meta, "version": version, "kind": kind, "weights_file": weights_file, "sha256": sha}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    for p in tmp.iterdir():
+        p.chmod(0o644)       # readable by the bot even if it runs as another user of the group
+    _fsync_folder(tmp)
+    return tmp, sha
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Atomically make the staged folder visible under its final name."""
+    if final.exists():   # only possible after a crash between rename and registry commit
+        log.warning("replacing unregistered version folder %s", final)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+async def publish(store: Store, versions_dir: Path, *, version: int, parent: int, model, kind: str,
+                  meta: dict, metrics: dict, before_rename: Callable[[Path], None] | None = None) -> Path:
+    """Stage, rename and register+activate version ``version``. Returns its folder.
+
+    ``before_rename(tmp)`` runs after the files are written and synced and before the
+    rename (tests use it to simulate a crash there). On any error the tmp folder is
+    removed and nothing is registered."""
+    import asyncio
+
+    versions_dir = Path(versions_dir)
+    final = versions_dir / version_dirname(version)
+    meta = {**meta, "parent": parent, "metrics": metrics, "created_at": time.time()}
+    tmp, sha = await asyncio.to_thread(stage, versions_dir, version, model, kind, meta)
+    try:
+        if before_rename is not None:
+            before_rename(tmp)
+        await asyncio.to_thread(commit, tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        await store.add_version(version, parent, str(final.resolve()), sha, "published", metrics, activate=True)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    log.info("published v%d (%s, parent v%d) at %s", version, kind, parent, final)
+    return final
+
+
+async def reject(store: Store, *, version: int, parent: int, reason: str, metrics: dict) -> None:
+    """Register a rejected candidate: a row with the reason, no files, nothing activated."""
+    await store.add_version(version, parent, None, None, "rejected", metrics, reason=reason, activate=False)
+    log.warning("rejected v%d: %s", version, reason)
+
+
+async def clean_stale(store: Store, versions_dir: Path) -> list[Path]:
+    """Remove leftovers of crashed publishes: every ``.tmp-*`` folder, and ``vNNNN`` folders
+    the registry does not know as published. Call only while holding the trainer lock."""
+    versions_dir = Path(versions_dir)
+    if not versions_dir.is_dir():
+        return []
+    published = {v.id for v in await store.versions() if v.status == "published"}
+    removed = []
+    for p in sorted(versions_dir.iterdir()):
+        m = _VERSION_DIR.match(p.name)
+        if p.name.startswith(TMP_PREFIX) or (m and p.is_dir() and int(m.group(1)) not in published):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+            log.info("removed stale %s", p)
+    if removed:
+        fsync_dir(versions_dir)
+    return removed
+
+
+async def prune(store: Store, versions_dir: Path, keep: int) -> list[Path]:
+    """Keep the newest ``keep`` published version folders, plus the active one and its parent."""
+    versions_dir = Path(versions_dir)
+    if not versions_dir.is_dir():
+        return []
+    versions = {v.id: v for v in await store.versions()}
+    active = await store.active_version()
+    protected = {active}
+    if active in versions and versions[active].parent is not None:
+        protected.add(versions[active].parent)
+    on_disk = sorted(int(m.group(1)) for p in versions_dir.iterdir() if (m := _VERSION_DIR.match(p.name)))
+    published = [v for v in on_disk if v in versions and versions[v].status == "published"]
+    protected |= set(published[-keep:])
+    removed = []
+    for v in published:
+        if v not in protected:
+            path = versions_dir / version_dirname(v)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.info("pruned old version folder %s", path)
+    return removed
+
+
+def _json_default(o):
+    if is_dataclass(o):
+        return asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
