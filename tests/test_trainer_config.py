@@ -71,3 +71,15 @@ def test_help_config_is_a_valid_trainer_table_of_the_defaults():
     text = config_help()
     assert text.startswith("[trainer]\n# ") and "# Gate: mean per-token KL" in text
     assert trainer(tomllib.loads(text)["trainer"]) == trainer({})
+
+
+def test_example_file_has_every_trainer_setting_at_its_default():
+    import dataclasses
+    from pathlib import Path
+
+    from bot.config import load_config
+    from trainer.config import TrainerConfig, load_trainer_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "reactlearn.example.toml", env={})
+    assert set(cfg.trainer) == {f.name for f in dataclasses.fields(TrainerConfig)}
+    assert load_trainer_config(cfg) == TrainerConfig()
