@@ -80,13 +80,10 @@ class TestRealDefaultModel:
     def test_second_call_reuses(self, default_model_dir: Path, cache_dir: Path) -> None:
         marker = default_model_dir / MARKER_NAME
         before = marker.stat()
-        t0 = time.monotonic()
         again = ensure_default_model(cache_dir)
-        elapsed = time.monotonic() - t0
         assert again == default_model_dir
         after = marker.stat()
-        assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
-        assert elapsed < 1.0, elapsed
+        assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)   # nothing redone
 
     def test_waiting_process_reuses_conversion(self, default_model_dir: Path, cache_dir: Path) -> None:
         """A second process blocked on the lock reuses what the first one produced.

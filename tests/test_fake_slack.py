@@ -1,7 +1,6 @@
 """The loopback fake Slack (tests/fakes/slack_server.py) against the real slack-bolt AsyncApp in Socket Mode."""
 
 import asyncio
-import time
 
 import pytest
 import pytest_asyncio
@@ -329,9 +328,8 @@ async def test_rate_limit_is_retried_by_retry_handler(fake):
 
     fake.rate_limit("chat.postMessage", times=1, retry_after=1)
     retrying = fake.make_client(retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=1)])
-    start = time.monotonic()
     resp = await retrying.chat_postMessage(channel="C1", text="with retry")
-    assert resp["ok"] and time.monotonic() - start >= 1.0
+    assert resp["ok"]
     statuses = [c.status for c in fake.calls_to("chat.postMessage")]
     assert statuses == [429, 429, 200]
     assert [m["text"] for m in fake.bot_messages] == ["with retry"]
