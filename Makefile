@@ -30,6 +30,8 @@ test: setup
 
 bench: setup model
 	$(PY) bench/load_time.py
+	$(PY) bench/reply_time.py $(CONFIG_FLAG)
+	$(PY) bench/round_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
