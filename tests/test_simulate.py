@@ -1,0 +1,92 @@
+"""Smoke test of the learning simulation: two short rounds on the tiny model, in-process.
+
+No learning claim (a random 2-layer model cannot learn a taste in two rounds); it checks
+the whole loop runs through the real chat core, store and trainer and writes its outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from bot.store import Store
+from tests.tiny_model import build_tiny_model
+from trainer import simulate
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sim")
+    model = build_tiny_model(tmp / "tiny")
+    argv = ["--rounds", "2", "--replies", "4", "--voters", "2", "--flip", "0.1", "--taste", "regex:e",
+            "--model", str(model), "--data-dir", str(tmp / "data"), "--out", str(tmp / "out"),
+            "--max-new-tokens", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8",
+            "--probe-max-new-tokens", "6", "--max-kl", "50", "--max-repetition", "1.0", "--max-empty-share", "1.0",
+            "--system-prompt", "Be brief.", "--seed", "3"]
+    results = simulate.main(argv)
+    return tmp, results
+
+
+def test_json_has_two_rounds_with_fields(sim_run):
+    tmp, results = sim_run
+    saved = json.loads((tmp / "out" / "simulate.json").read_text())
+    assert saved["rounds"] == json.loads(json.dumps(results["rounds"]))
+    assert len(saved["rounds"]) == 2
+    for row in saved["rounds"]:
+        for key in ("like_rate", "mean_reward", "kl", "mean_words", "serving_version", "seconds", "train"):
+            assert key in row, key
+        assert 0.0 <= row["like_rate"] <= 1.0
+        assert -1.0 <= row["mean_reward"] <= 1.0
+        assert row["n_replies"] == 4 and row["n_votes"] == 8
+        assert row["train"]["status"] in ("published", "rejected")
+    assert saved["final"]["train"] is None and saved["final"]["n_replies"] == 4
+    assert saved["final"]["served_kl"] >= 0.0
+    assert saved["examples"] and {"prompt", "before", "after"} <= set(saved["examples"][0])
+    # the final evaluation asks round 1's prompts again
+    first = [r["prompt"] for r in saved["rounds"][0]["replies"]]
+    assert [r["prompt"] for r in saved["final"]["replies"]] == first
+    assert [e["prompt"] for e in saved["examples"]] == first[:len(saved["examples"])]
+
+
+def test_png_written(sim_run):
+    tmp, _ = sim_run
+    png = tmp / "out" / "learning_curve.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_store_holds_replies_and_votes(sim_run):
+    tmp, _ = sim_run
+
+    async def check():
+        store = await Store.open(tmp / "data" / "reactlearn.sqlite3")
+        try:
+            counts = await store.counts()
+            # 2 rounds + the final evaluation, 4 replies each, 2 voters per reply
+            assert counts["replies"] == 12 and counts["rated"] == 12 and counts["votes"] == 24
+            assert counts["messages"] == 12
+            reply = await store.get_reply(1)
+            assert reply.platform == "sim" and reply.output_ids and len(reply.logprobs) == len(reply.output_ids)
+            voters = {u for u, _, _ in await store.votes_for(1)}
+            assert voters == {"sim-voter-0", "sim-voter-1"}
+            assert len(await store.rounds()) == 2
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_tastes():
+    short = simulate.parse_taste("short")
+    assert short.liked("Sure, sounds good!") and not short.liked("") and not short.liked("word " * 20)
+    rx = simulate.parse_taste(r"regex:\?")
+    assert rx.liked("How about you?") and not rx.liked("Fine.")
+    py = simulate.parse_taste("python:tests.test_simulate:half_liking")
+    assert py.p_up("x") == 0.75 and py.liked("x")
+    with pytest.raises(ValueError):
+        simulate.parse_taste("nonsense")
+
+
+def half_liking(text: str) -> float:
+    return 0.5
