@@ -207,9 +207,10 @@ class Policy:
         model = self._model_for(version)
         out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_config)
         new = out.sequences[:, width:]                                        # [B, steps]
-        logits = torch.stack(out.logits, dim=1).float()                       # [B, steps, V]
-        logp = torch.log_softmax(logits / self.temperature, dim=-1)
-        token_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)           # [B, steps]
+        # one step at a time: a [B, steps, V] float copy would be ~0.4 GB for 32 replies
+        token_logp = torch.stack([                                            # [B, steps]
+            torch.log_softmax(step.float() / self.temperature, dim=-1).gather(-1, new[:, i:i + 1]).squeeze(-1)
+            for i, step in enumerate(out.logits)], dim=1)
         seconds = time.perf_counter() - start
         results = []
         for i, p in enumerate(prompts):
