@@ -12,6 +12,7 @@ from bot.config import Config, build
 from bot.policy import Policy
 from bot.store import Store
 from tests.tiny_model import build_tiny_model
+from tests.trainer_helpers import store_for  # noqa: F401  (a fixture: await store_for(cfg))
 
 
 @pytest.fixture(scope="session")

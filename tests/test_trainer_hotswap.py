@@ -10,7 +10,7 @@ import pytest
 from bot.chat import BUSY_TEXT, ERROR_TEXT, ChatCore
 from bot.events import Command, Message
 from bot.policy import Policy
-from tests.trainer_helpers import (add_rated, prompt_ids, store_for, tiny_config,  # noqa: F401
+from tests.trainer_helpers import (add_rated, prompt_ids, tiny_config,
                                    token_logps, trainer_config)
 from trainer.round import Learner, run_round
 

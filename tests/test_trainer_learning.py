@@ -13,7 +13,7 @@ from bot.chat import ChatCore
 from bot.events import Message
 from bot.models import load_model_and_tokenizer, sha256_file
 from bot.policy import Policy, Turn
-from tests.trainer_helpers import (add_rated, prompt_ids, seq_logprob, store_for, tiny_config,  # noqa: F401
+from tests.trainer_helpers import (add_rated, prompt_ids, seq_logprob, tiny_config,
                                    token_logps, trainer_config)
 from trainer.data import collate, make_examples, reply_logits, tempered
 from trainer.gates import PROBES, probe_kl, render_prompt, repetition

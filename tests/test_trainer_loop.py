@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.trainer_helpers import add_rated, store_for, tiny_config, trainer_config  # noqa: F401
+from tests.trainer_helpers import add_rated, tiny_config, trainer_config
 from trainer.__main__ import ATTEMPTED_KEY, Trainer
 
 

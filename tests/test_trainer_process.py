@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.trainer_helpers import (add_rated, prompt_ids, store_for, tiny_config,  # noqa: F401
+from tests.trainer_helpers import (add_rated, prompt_ids, tiny_config,
                                    toml_text)
 
 REPO = Path(__file__).resolve().parents[1]
