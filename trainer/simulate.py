@@ -54,8 +54,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bot.events import Message, Reaction
-from bot.rewards import THUMBS_DOWN, THUMBS_UP
+# Two torch processes on a small machine: OpenMP's default busy-wait makes them 3-30x slower
+# (see trainer/__main__.py). Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bot.events import Message, Reaction  # noqa: E402
+from bot.rewards import THUMBS_DOWN, THUMBS_UP  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
 PLATFORM = "sim"
