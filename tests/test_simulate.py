@@ -42,7 +42,8 @@ def test_json_has_two_rounds_with_fields(sim_run):
         assert row["n_replies"] == 4 and row["n_votes"] == 8
         assert row["train"]["status"] in ("published", "rejected")
     assert saved["final"]["train"] is None and saved["final"]["n_replies"] == 4
-    assert saved["final"]["served_kl"] >= 0.0
+    assert saved["final"]["served_kl"] >= 0.0 and saved["final"]["base_nll"] > 0.0
+    assert saved["rounds"][0]["served_kl"] == 0.0 and saved["rounds"][0]["base_nll"] > 0.0
     assert saved["examples"] and {"prompt", "before", "after"} <= set(saved["examples"][0])
     # the final evaluation asks round 1's prompts again
     first = [r["prompt"] for r in saved["rounds"][0]["replies"]]

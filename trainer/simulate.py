@@ -352,8 +352,8 @@ def print_row(row: dict) -> None:
           f"KL(v{row['serving_version']}) {_fmt(row['serving_kl'], '.4f')}  | {trained}  "
           f"| {row['seconds']:.0f}s (gen {row['generate_seconds']:.0f}s)", flush=True)
     if row.get("served_kl") is not None:
-        print(f"         KL(v{row['serving_version']} ‖ base) on these {row['n_replies']} replies: "
-              f"{row['served_kl']:.4f} nats/token", flush=True)
+        print(f"         on these {row['n_replies']} replies: KL(v{row['serving_version']} ‖ base) "
+              f"{row['served_kl']:.4f} nats/token, base-model NLL {row['base_nll']:.3f} nats/token", flush=True)
     if train.get("reason"):
         print(f"         reason: {train['reason']}", flush=True)
 
@@ -438,22 +438,25 @@ async def run(args) -> dict:
             row["seconds"] = round(time.monotonic() - t0, 2)
             return row, asked
 
+        async def add_reply_stats(row: dict, asked: list[Asked]) -> None:
+            t0 = time.monotonic()
+            records = [await store.get_reply(a.reply_id) for a in asked if a.reply_id is not None]
+            row.update(await asyncio.to_thread(reply_stats, learner, await store.get_version(row["serving_version"]),
+                                               records))
+            row["reply_stats_seconds"] = round(time.monotonic() - t0, 2)
+
         for number in range(1, args.rounds + 1):
             row, asked = await one_round(number, sample_prompts(rng, prompts, args.replies), train=True)
             if number == 1:
                 first_asked = asked
+                await add_reply_stats(row, asked)     # the base's own numbers, to compare the final ones with
             results["rounds"].append(row)
             print_row(row)
             write_json(json_path, results)
         last_asked = asked
         if not args.no_eval:
             row, last_asked = await one_round("final", [a.prompt for a in first_asked], train=False)
-            records = [await store.get_reply(a.reply_id) for a in last_asked if a.reply_id is not None]
-            t0 = time.monotonic()
-            row["served_kl"] = await asyncio.to_thread(
-                served_kl, learner, await store.get_version(row["serving_version"]),
-                [r.prompt_ids for r in records], [r.output_ids for r in records], cfg.sampling.temperature)
-            row["served_kl_seconds"] = round(time.monotonic() - t0, 2)
+            await add_reply_stats(row, last_asked)
             results["final"] = row
             print_row(row)
         results["examples"] = examples(first_asked, last_asked, taste, same_prompts=not args.no_eval)
@@ -473,24 +476,60 @@ async def run(args) -> dict:
             tmp.cleanup()
 
 
-def served_kl(learner, version, prompts: list[list[int]], replies: list[list[int]], temperature: float,
-              chunk: int = 8) -> float:
-    """Mean per-token KL(version ‖ base) along real served replies (exact over the vocabulary,
-    as the gates compute it on their probes). Blocking."""
-    from trainer.gates import probe_kl
+def _tcfg_of(version, tcfg):
+    """The trainer settings that rebuild ``version`` exactly (its own adapter shape), so that
+    Learner.candidate loads its weights rather than starting a fresh adapter."""
+    try:
+        saved = json.loads((Path(version.path) / "meta.json").read_text())["trainer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return tcfg
+    keep = ("full_finetune", "lora_rank", "lora_alpha", "target_modules")
+    return dataclasses.replace(tcfg, **{k: saved[k] for k in keep if k in saved})
 
-    if version is None or version.id == 0:
-        return 0.0
-    model, _, reference, _ = learner.candidate(version, seed=0)
+
+def reply_stats(learner, version, records, chunk: int = 8) -> dict:
+    """Two numbers about replies that were really served (blocking):
+
+    - ``served_kl``: mean per-token KL(version ‖ base) along the replies, exact over the
+      vocabulary at each position, both tempered by the reply's temperature (as the gates
+      compute it on their probes);
+    - ``base_nll``: mean per-token negative log-likelihood of the reply tokens under the
+      base model at that temperature, a fluency proxy: gibberish the base would not write
+      scores high; for v0 it is the base's own cross-entropy on its samples."""
+    import torch
+
+    from trainer.data import Example, collate, reply_logits, tempered
+
+    learner.load()
+    base_only = version is None or version.id == 0
+    if base_only:
+        model, reference = learner.base, None
+    else:
+        model, _, reference, _ = learner.candidate(version, seed=0, tcfg=_tcfg_of(version, learner.tcfg))
     model.eval()
-    total = tokens = 0.0
-    for i in range(0, len(prompts), chunk):
-        p, r = prompts[i:i + chunk], replies[i:i + chunk]
-        n = sum(len(x) for x in r)
-        if n:
-            total += probe_kl(model, reference, p, r, temperature, learner.tokenizer.pad_token_id) * n
-            tokens += n
-    return total / tokens if tokens else 0.0
+    pad = learner.tokenizer.pad_token_id
+    kl_sum = nll_sum = tokens = 0.0
+    records = [r for r in records if r is not None and r.output_ids]
+    with torch.no_grad():
+        for i in range(0, len(records), chunk):
+            batch = collate([Example(r.id, r.prompt_ids, r.output_ids, r.logprobs, r.temperature, 0.0)
+                             for r in records[i:i + chunk]], pad)
+            logp = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)   # [B, T, V]
+            if base_only:
+                base = logp
+            elif reference is None:
+                with model.disable_adapter():
+                    base = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)
+            else:
+                base = torch.log_softmax(tempered(reply_logits(reference, batch), batch.temperature), -1)
+            kl = (logp.exp() * (logp - base)).sum(-1)                                    # [B, T]
+            nll = -base.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)               # [B, T]
+            kl_sum += float((kl * batch.mask).sum())
+            nll_sum += float((nll * batch.mask).sum())
+            tokens += float(batch.mask.sum())
+    if not tokens:
+        return {"served_kl": None, "base_nll": None}
+    return {"served_kl": 0.0 if base_only else kl_sum / tokens, "base_nll": nll_sum / tokens}
 
 
 def examples(before: list[Asked], after: list[Asked], taste: Taste, same_prompts: bool) -> list[dict]:
@@ -562,7 +601,8 @@ def print_summary(results: dict) -> None:
     kl = next((r["train"]["kl"] for r in reversed(rows) if r.get("train") and r["train"].get("kl") is not None), None)
     print(f"\nlike-rate {first['like_rate']:.2f} (round 1, v{first['serving_version']}) -> {last['like_rate']:.2f} "
           f"(round {last['round']}, v{last['serving_version']}); KL to base: probes {_fmt(kl, '.4f')}, "
-          f"served replies {_fmt(last.get('served_kl'), '.4f')}; "
+          f"served replies {_fmt(last.get('served_kl'), '.4f')}; base-model NLL of the replies "
+          f"{_fmt(first.get('base_nll'), '.2f')} -> {_fmt(last.get('base_nll'), '.2f')}; "
           f"words {first['mean_words']:.1f} -> {last['mean_words']:.1f}; {results['total_seconds']:.0f}s in all")
     for e in results["examples"]:
         print(f"\nQ: {e['prompt']}\n  before ({'liked' if e['before_liked'] else 'not liked'}): {e['before']}\n"
