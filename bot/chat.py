@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict, deque
+from pathlib import Path
 from typing import Awaitable, Callable
 
 from bot.config import Config
@@ -177,6 +178,9 @@ class ChatCore:
             return CommandResult(f"There is no version {version}.", ok=False)
         if v.status != "published":
             return CommandResult(f"v{version} was rejected ({v.reason}); it can't be activated.", ok=False)
+        if v.path and not Path(v.path).exists():
+            return CommandResult(f"v{version}'s files were pruned (the trainer keeps the newest "
+                                 f"keep_versions on disk); pick a newer one from /status.", ok=False)
         try:
             await self._load(version, v.path, v.sha256)
         except VersionError as e:

@@ -124,3 +124,15 @@ async def test_prune_keeps_newest_and_the_active_version_with_its_parent(tmp_pat
     removed = await prune(store, cfg.versions_dir, keep=2)
     assert [p.name for p in removed] == [version_dirname(1)]
     assert visible_versions(cfg) == ["v0002", "v0003", "v0004", "v0005"]
+
+    # a rollback to the pruned version says so, and the serving version stays
+    policy = Policy.from_config(cfg)
+    try:
+        core = ChatCore(cfg, store, policy)
+        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 1}))
+        assert not out.ok and "pruned" in out.text
+        assert await store.active_version() == 3
+        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 2}))
+        assert out.ok and policy.active_version == 2
+    finally:
+        policy.close()
