@@ -24,7 +24,7 @@ def sim_run(tmp_path_factory):
             "--model", str(model), "--data-dir", str(tmp / "data"), "--out", str(tmp / "out"),
             "--max-new-tokens", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8",
             "--probe-max-new-tokens", "6", "--max-kl", "50", "--max-repetition", "1.0", "--max-empty-share", "1.0",
-            "--system-prompt", "Be brief.", "--seed", "3"]
+            "--system-prompt", "Be brief.", "--seed", "3", "--eval-extra", "2"]
     results = simulate.main(argv)
     return tmp, results
 
@@ -41,13 +41,21 @@ def test_json_has_two_rounds_with_fields(sim_run):
         assert -1.0 <= row["mean_reward"] <= 1.0
         assert row["n_replies"] == 4 and row["n_votes"] == 8
         assert row["train"]["status"] in ("published", "rejected")
-    assert saved["final"]["train"] is None and saved["final"]["n_replies"] == 4
+    assert saved["final"]["train"] is None and saved["final"]["n_replies"] == 6
     assert saved["final"]["served_kl"] >= 0.0 and saved["final"]["base_nll"] > 0.0
     assert saved["rounds"][0]["served_kl"] == 0.0 and saved["rounds"][0]["base_nll"] > 0.0
     assert saved["examples"] and {"prompt", "before", "after"} <= set(saved["examples"][0])
-    # the final evaluation asks round 1's prompts again
+    # the final evaluation asks round 1's prompts again, and the 2 extra ones the base answered first
     first = [r["prompt"] for r in saved["rounds"][0]["replies"]]
-    assert [r["prompt"] for r in saved["final"]["replies"]] == first
+    extra = [r["prompt"] for r in saved["base_eval"]["replies"]]
+    assert len(extra) == 2 and not set(extra) & set(first)
+    assert saved["base_eval"]["serving_version"] == 0 and saved["base_eval"]["n_votes"] == 0
+    assert [r["prompt"] for r in saved["final"]["replies"]] == first + extra
+    ev = saved["eval"]
+    assert ev["prompts"] == 6 and ev["same_prompts"] and ev["base_version"] == 0
+    liked = saved["rounds"][0]["replies"] + saved["base_eval"]["replies"]
+    assert ev["base_like_rate"] == sum(r["liked"] for r in liked) / 6
+    assert ev["final_like_rate"] == saved["final"]["like_rate"]
     assert [e["prompt"] for e in saved["examples"]] == first[:len(saved["examples"])]
 
 
@@ -64,12 +72,13 @@ def test_store_holds_replies_and_votes(sim_run):
         store = await Store.open(tmp / "data" / "reactlearn.sqlite3")
         try:
             counts = await store.counts()
-            # 2 rounds + the final evaluation, 4 replies each, 2 voters per reply
-            assert counts["replies"] == 12 and counts["rated"] == 12 and counts["votes"] == 24
-            assert counts["messages"] == 12
+            # 2 unvoted base-eval replies, 2 rounds of 4, the final evaluation of 4 + 2; 2 voters per reply
+            assert counts["replies"] == 16 and counts["rated"] == 14 and counts["votes"] == 28
+            assert counts["messages"] == 16
             reply = await store.get_reply(1)
             assert reply.platform == "sim" and reply.output_ids and len(reply.logprobs) == len(reply.output_ids)
-            voters = {u for u, _, _ in await store.votes_for(1)}
+            assert await store.votes_for(1) == []            # reply 1 is a base-eval reply: not voted on
+            voters = {u for u, _, _ in await store.votes_for(3)}
             assert voters == {"sim-voter-0", "sim-voter-1"}
             assert len(await store.rounds()) == 2
         finally:

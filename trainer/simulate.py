@@ -16,8 +16,10 @@ A round:
      are platform reactions on the reply's fake message id, through the chat core.
   3. One training round over this round's replies (``--train-on round``, the default) or
      the newest ``window`` rated replies (``--train-on all``); then the bot hot-swaps.
-After the last round, an evaluation round asks round 1's prompts again (votes, no
-training), so the first and final like-rates compare the same prompts.
+Evaluation: before round 1 the base model also answers ``--eval-extra`` more prompts
+(unvoted); after the last round the last version answers round 1's prompts and those
+again (votes, no training), so base and last version compare on the same prompts
+(``eval`` in the JSON): one 32-reply round alone moves by about ±0.08 by chance.
 
 Tastes (``--taste``):
   short                    the reply has 1-19 words (an empty reply is not a reply)
@@ -165,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="round: learn from this round's replies only (window = --replies); "
                          "all: the newest [trainer] window rated replies (default round)")
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation round")
+    ap.add_argument("--eval-extra", type=int, default=32,
+                    help="prompts beyond round 1's that the evaluation also asks, the base model before round 1 "
+                         "and the last version at the end, so first and last compare more prompts (default 32)")
     ap.add_argument("--threads", type=int, help="torch CPU threads for serving and training")
     ap.add_argument("--verbose", action="store_true", help="log the bot's and trainer's INFO lines")
     s = ap.add_argument_group("bot sampling (override [sampling])")
@@ -195,6 +200,7 @@ def check_args(args) -> None:
     need(args.replies >= 2, "--replies must be at least 2 (a mean baseline needs two replies)")
     need(args.voters >= 1, "--voters must be at least 1")
     need(0.0 <= args.flip <= 1.0, "--flip must be in [0, 1]")
+    need(args.eval_extra >= 0, "--eval-extra must be >= 0")
 
 
 def make_configs(args):
@@ -409,12 +415,15 @@ async def run(args) -> dict:
               f"flip {args.flip}, model {cfg.model.name}, data {cfg.data_dir}", flush=True)
         first_asked: list[Asked] = []
 
-        async def one_round(number, prompt_list: list[str], train: bool) -> tuple[dict, list[Asked]]:
+        async def one_round(number, prompt_list: list[str], train: bool,
+                            vote: bool = True) -> tuple[dict, list[Asked]]:
             t0 = time.monotonic()
             serving = policy.active_version
-            asked = await ask_all(core, prompt_list, f"r{number}")
+            asked = []
+            for i in range(0, len(prompt_list), args.replies):      # one batch (and queue) at a time
+                asked += await ask_all(core, prompt_list[i:i + args.replies], f"r{number}-{i}")
             gen_s = time.monotonic() - t0
-            n_votes = await vote_all(core, asked, taste, args.voters, args.flip, vote_rng)
+            n_votes = await vote_all(core, asked, taste, args.voters, args.flip, vote_rng) if vote else 0
             row = {"round": number, "serving_version": serving, "serving_kl": await version_kl(store, serving),
                    **await measure(core, store, asked, taste), "n_votes": n_votes,
                    "generate_seconds": round(gen_s, 2)}
@@ -445,8 +454,16 @@ async def run(args) -> dict:
                                                records))
             row["reply_stats_seconds"] = round(time.monotonic() - t0, 2)
 
+        round1 = sample_prompts(rng, prompts, args.replies)
+        extra = [] if args.no_eval else eval_extra_prompts(prompts, round1, args.eval_extra, args.seed)
+        if extra:
+            # the base model on the extra evaluation prompts (no votes: nothing here is trained on)
+            row, _ = await one_round("base-eval", extra, train=False, vote=False)
+            results["base_eval"] = row
+            print_row(row)
         for number in range(1, args.rounds + 1):
-            row, asked = await one_round(number, sample_prompts(rng, prompts, args.replies), train=True)
+            row, asked = await one_round(number, round1 if number == 1 else sample_prompts(rng, prompts, args.replies),
+                                         train=True)
             if number == 1:
                 first_asked = asked
                 await add_reply_stats(row, asked)     # the base's own numbers, to compare the final ones with
@@ -455,9 +472,10 @@ async def run(args) -> dict:
             write_json(json_path, results)
         last_asked = asked
         if not args.no_eval:
-            row, last_asked = await one_round("final", [a.prompt for a in first_asked], train=False)
+            row, last_asked = await one_round("final", [a.prompt for a in first_asked] + extra, train=False)
             await add_reply_stats(row, last_asked)
             results["final"] = row
+            results["eval"] = same_prompt_eval(results["rounds"][0], results.get("base_eval"), row)
             print_row(row)
         results["examples"] = examples(first_asked, last_asked, taste, same_prompts=not args.no_eval)
         results["total_seconds"] = round(time.monotonic() - started, 2)
@@ -474,6 +492,23 @@ async def run(args) -> dict:
         await store.close()
         if tmp is not None:
             tmp.cleanup()
+
+
+def eval_extra_prompts(prompts: list[str], round1: list[str], n: int, seed: int) -> list[str]:
+    """n evaluation prompts besides round 1's, different from them while the pool lasts."""
+    rest = [p for p in prompts if p not in set(round1)]
+    return random.Random(seed + 2).sample(rest, min(n, len(rest)))
+
+
+def same_prompt_eval(first: dict, base_extra: dict | None, final: dict) -> dict:
+    """Base model against the last version on the same prompts: round 1's (answered by v0 in
+    round 1) plus the extra ones (answered by v0 before round 1)."""
+    before = first["replies"] + (base_extra["replies"] if base_extra else [])
+    after = final["replies"]
+    rate = lambda rows: sum(r["liked"] for r in rows) / max(1, len(rows))   # noqa: E731
+    return {"prompts": len(after), "base_version": first["serving_version"], "base_like_rate": rate(before),
+            "final_version": final["serving_version"], "final_like_rate": rate(after),
+            "same_prompts": [r["prompt"] for r in before] == [r["prompt"] for r in after]}
 
 
 def _tcfg_of(version, tcfg):
@@ -577,7 +612,10 @@ def plot(results: dict, path: Path) -> None:
     ax.plot(xs, [(r + 1) / 2 if r is not None else None for r in rewards], ".:", color="tab:cyan",
             label="share of up votes (after flips)")
     if results.get("final"):
-        ax.plot([xs[-1]], [likes[-1]], "*", color="tab:blue", markersize=14, label="final evaluation (round 1's prompts)")
+        ev = results.get("eval") or {}
+        label = f"evaluation on the same {ev.get('prompts', '')} prompts: base vs last version"
+        ax.plot([0, xs[-1]], [ev.get("base_like_rate", likes[0]), likes[-1]], "*", color="tab:purple",
+                markersize=13, label=label)
     ax.set_xlabel("training rounds done before the replies")
     ax.set_ylabel("like-rate")
     ax.set_ylim(0, 1)
@@ -604,6 +642,10 @@ def print_summary(results: dict) -> None:
           f"served replies {_fmt(last.get('served_kl'), '.4f')}; base-model NLL of the replies "
           f"{_fmt(first.get('base_nll'), '.2f')} -> {_fmt(last.get('base_nll'), '.2f')}; "
           f"words {first['mean_words']:.1f} -> {last['mean_words']:.1f}; {results['total_seconds']:.0f}s in all")
+    ev = results.get("eval")
+    if ev:
+        print(f"same {ev['prompts']} prompts: like-rate {ev['base_like_rate']:.2f} (v{ev['base_version']}) -> "
+              f"{ev['final_like_rate']:.2f} (v{ev['final_version']})")
     for e in results["examples"]:
         print(f"\nQ: {e['prompt']}\n  before ({'liked' if e['before_liked'] else 'not liked'}): {e['before']}\n"
               f"  after  ({'liked' if e['after_liked'] else 'not liked'}): {e['after']}")
