@@ -146,11 +146,16 @@ class ChatCore:
                 or c.user_id in {str(u) for u in chat.admin_user_ids}
                 or bool(set(c.role_ids) & {str(r) for r in chat.admin_role_ids}))
 
+    def command_text(self, platform: str, name: str) -> str:
+        """How people type command ``name`` where they are: "/rollback" on Discord and in the
+        console, "/reactlearn rollback" on Slack (one slash command with sub-commands)."""
+        return f"{self.cfg.slack.command} {name}" if platform == "slack" else f"/{name}"
+
     async def on_command(self, c: Command) -> CommandResult:
         admin = self.is_admin(c)
         if c.name in ADMIN_COMMANDS and not admin:
             log.info("refused /%s for non-admin %s/%s", c.name, c.platform, c.user_id)
-            return CommandResult(f"Only admins can use /{c.name}.", ok=False)
+            return CommandResult(f"Only admins can use {self.command_text(c.platform, c.name)}.", ok=False)
         log.info("command /%s by %s/%s %s", c.name, c.platform, c.user_id, c.args or "")
         if c.name == "retrain":
             rid = await self.store.add_train_request(c.platform, c.channel_id, c.user_id)
@@ -158,7 +163,7 @@ class ChatCore:
         if c.name == "status":
             return CommandResult(await self.status_text(), ok=True)
         if c.name == "rollback":
-            return await self.rollback(c.args.get("version"))
+            return await self.rollback(c.args.get("version"), platform=c.platform)
         if c.name == "forget":
             target = str(c.args.get("user") or c.user_id)
             if target != c.user_id and not admin:
@@ -166,13 +171,16 @@ class ChatCore:
             gone = await self.store.forget_user(c.platform, target)
             return CommandResult(f"Forgot user {target}: {gone['messages']} messages, {gone['replies']} replies, "
                                  f"{gone['votes']} votes deleted.", ok=True)
-        return CommandResult(f"Unknown command /{c.name}. Try retrain, status, rollback or forget.", ok=False)
+        return CommandResult(f"Unknown command {self.command_text(c.platform, c.name)}. "
+                             f"Try retrain, status, rollback or forget.", ok=False)
 
-    async def rollback(self, version) -> CommandResult:
+    async def rollback(self, version, platform: str = "console") -> CommandResult:
+        status = self.command_text(platform, "status")
         try:
             version = int(version)
         except (TypeError, ValueError):
-            return CommandResult("Usage: /rollback VERSION (a number, see /status).", ok=False)
+            return CommandResult(f"Usage: {self.command_text(platform, 'rollback')} VERSION (a number, see {status}).",
+                                 ok=False)
         v = await self.store.get_version(version)
         if v is None:
             return CommandResult(f"There is no version {version}.", ok=False)
@@ -180,7 +188,7 @@ class ChatCore:
             return CommandResult(f"v{version} was rejected ({v.reason}); it can't be activated.", ok=False)
         if v.path and not Path(v.path).exists():
             return CommandResult(f"v{version}'s files were pruned (the trainer keeps the newest "
-                                 f"keep_versions on disk); pick a newer one from /status.", ok=False)
+                                 f"keep_versions on disk); pick a newer one from {status}.", ok=False)
         try:
             await self._load(version, v.path, v.sha256)
         except VersionError as e:

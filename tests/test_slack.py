@@ -327,6 +327,9 @@ async def test_slash_command_as_admin(tmp_path, tiny_model_dir):
         rec = await fake.slash(CMD, "forget <@U1|alice>", "U2", "C1")
         assert (await fake.wait_response(rec))["text"].startswith("Forgot user U1: 1 messages, 1 replies")
         assert (await bot.store.counts())["messages"] == 0
+        rec = await fake.slash(CMD, "rollback soon", "U2", "C1")
+        assert (await fake.wait_response(rec))["text"] == \
+            "Usage: /reactlearn rollback VERSION (a number, see /reactlearn status)."
         rec = await fake.slash(CMD, "", "U2", "C1")
         assert "Usage: /reactlearn retrain" in (await fake.wait_response(rec))["text"]
         for env in fake.envelopes:        # the ack frame may trail respond()'s POST; it still comes
@@ -338,8 +341,8 @@ async def test_slash_command_as_non_admin(tmp_path, tiny_model_dir):
     async with slack_bot(tmp_path, tiny_model_dir) as bot:
         fake = bot.fake
         await ask(bot, "C1", "U2", "bob was here", mention_bot=True)
-        for text, answer in [("retrain", "Only admins can use /retrain."),
-                             ("rollback 0", "Only admins can use /rollback."),
+        for text, answer in [("retrain", "Only admins can use /reactlearn retrain."),
+                             ("rollback 0", "Only admins can use /reactlearn rollback."),
                              ("forget <@U2|bob>", "You can only forget yourself; admins can forget others.")]:
             rec = await fake.slash(CMD, text, "U1", "C1")
             assert await fake.wait_ack(rec) == {}
