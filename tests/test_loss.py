@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer.loss import LossParts, advantages, pg_loss, token_logprobs
+from trainer.loss import LossParts, advantages, full_kl, pg_loss, token_logprobs
 
 LN2 = math.log(2.0)
 LN1_5 = math.log(1.5)
@@ -351,3 +351,47 @@ def test_token_logprobs_bad_input():
         token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0)
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(logits, torch.zeros(1, 2, dtype=torch.long), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Exact KL over the vocabulary (kl_estimator = "full")
+# ---------------------------------------------------------------------------
+
+
+def test_full_kl_known_values():
+    # position 0: p = (1/2, 1/2), q = (1/4, 3/4):
+    #   KL = 1/2 ln(2) + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.14384103...
+    # position 1: p == q = (0.9, 0.1): KL = 0
+    p = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]).log()
+    q = torch.tensor([[[0.25, 0.75], [0.9, 0.1]]]).log()
+    kl = full_kl(p, q)
+    assert kl.shape == (1, 2)
+    assert kl[0, 0].item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert kl[0, 1].item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match=r"\[B, T, V\]"):
+        full_kl(p[0], q[0])
+
+
+def test_pg_loss_uses_the_given_kl_and_masks_padding():
+    # A = 0, rho = 1: the loss is kl_coef * mean of kl_tokens over the real tokens only.
+    new = torch.zeros(1, 3, requires_grad=True)
+    kl_tokens = torch.tensor([[0.3, 0.6, 99.0]], requires_grad=True)   # the last is padding
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    out = pg_loss(new, new.detach(), new.detach() + 5.0, torch.tensor([0.0]), mask, kl_coef=0.5,
+                  kl_tokens=kl_tokens)
+    assert_close(out.kl, scalar(0.45))                    # k3 of ref = new + 5 would be ~143
+    assert_close(out.loss, scalar(0.5 * 0.45))
+    out.loss.backward()
+    assert kl_tokens.grad[0].tolist() == pytest.approx([0.25, 0.25, 0.0])
+    with pytest.raises(ValueError, match="kl_tokens shape"):
+        pg_loss(new, new.detach(), new.detach(), torch.tensor([0.0]), mask, kl_tokens=torch.zeros(1, 2))
+
+
+def test_full_kl_gradient_pulls_toward_the_reference():
+    # one step of gradient descent on KL(softmax(x) || q) moves softmax(x) toward q
+    q = torch.tensor([[[0.2, 0.8]]]).log()
+    x = torch.zeros(1, 1, 2, requires_grad=True)
+    full_kl(torch.log_softmax(x, -1), q).sum().backward()
+    with torch.no_grad():
+        after = torch.softmax(x - 1.0 * x.grad, -1)
+    assert 0.5 < after[0, 0, 1].item() < 0.8

@@ -69,8 +69,10 @@ async def test_recomputed_logprobs_equal_recorded_ones(tmp_path, tiny_model_dir,
 
 
 @pytest.mark.asyncio
-async def test_round_makes_liked_reply_likelier_and_disliked_less_likely(tmp_path, tiny_model_dir, store_for):
-    cfg = tiny_config(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("kl_estimator", ["full", "k3"])
+async def test_round_makes_liked_reply_likelier_and_disliked_less_likely(tmp_path, tiny_model_dir, store_for,
+                                                                         kl_estimator):
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"kl_estimator": kl_estimator})
     tcfg = trainer_config(cfg)
     store = await store_for(cfg)
     learner = Learner(cfg, tcfg)

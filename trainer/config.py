@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from bot.config import Config, ConfigError, build, setting
 
 BASELINES = ("mean", "mean_std", "none")
+KL_ESTIMATORS = ("full", "k3")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class TrainerConfig:
     clip_eps: float = setting(0.2, "PPO clip range: the ratio new/behaviour policy is clipped to 1 ± clip_eps.")
     kl_coef: float = setting(0.05, "Weight of the KL(policy ‖ reference) penalty per token; the reference is the "
                              "base model (adapter off).")
+    kl_estimator: str = setting("full", 'How the KL penalty is computed at each reply position: "full" (exact, '
+                                "summed over the vocabulary: no heavy tail, what the gate measures) or \"k3\" (the "
+                                "sampled-token estimate: less memory, but heavy-tailed once the policy has moved "
+                                "away from the one that wrote the replies).")
     max_grad_norm: float = setting(1.0, "Gradients are clipped to this global norm before each step.")
     # -- what is trained ----------------------------------------------------------
     full_finetune: bool = setting(False, "Train every weight instead of a LoRA adapter (versions are then the "
@@ -80,6 +85,7 @@ class TrainerConfig:
         check(self.minibatch_size >= 1, "minibatch_size", "must be at least 1.")
         check(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1); 0.2 is usual.")
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0.")
+        check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"use one of {list(KL_ESTIMATORS)}.")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0.")
         check(self.lora_rank >= 1, "lora_rank", "must be at least 1.")
         check(self.lora_alpha > 0, "lora_alpha", "must be > 0.")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LossParts", "token_logprobs", "pg_loss", "advantages"]
+__all__ = ["LossParts", "token_logprobs", "full_kl", "pg_loss", "advantages"]
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LossParts:
 
     loss: Tensor  # total objective to call .backward() on
     pg: Tensor  # masked mean of the clipped policy-gradient term
-    kl: Tensor  # masked mean of the k3 KL estimate (before kl_coef)
+    kl: Tensor  # masked mean of the KL term (k3 or exact; before kl_coef)
     clip_frac: Tensor  # fraction of real tokens where clipping was active
     ratio_mean: Tensor  # masked mean of rho = pi_theta / pi_behaviour
 
@@ -76,6 +76,27 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     return picked - torch.logsumexp(scaled, dim=-1)  # [B, T]
 
 
+def full_kl(new_logp_all: Tensor, ref_logp_all: Tensor) -> Tensor:
+    """Exact KL(pi_theta || pi_ref) at every position, summed over the vocabulary.
+
+    new_logp_all, ref_logp_all: [B, T, V] log-softmax of the (tempered) logits
+    returns [B, T]: sum_v p_theta(v) * (log p_theta(v) - log p_ref(v)), >= 0
+
+    Why this and not the k3 estimate at the sampled tokens: k3 = r - 1 - log r with
+    r = pi_ref / pi_theta is unbiased only for tokens sampled from pi_theta. Our replies
+    were sampled by an earlier policy, and a token that the current policy has pushed
+    down while the base still likes it gives r in the hundreds: one such token then
+    outweighs the whole policy-gradient signal of a minibatch (we measured epoch means
+    of k3 above 100 while the exact KL on fresh samples was 0.05). The exact KL has no
+    such tail, costs one more [B, T, V] softmax, and is what the gate and the target
+    measure.
+    """
+    if new_logp_all.shape != ref_logp_all.shape or new_logp_all.dim() != 3:
+        raise ValueError(f"need two [B, T, V] tensors, got {tuple(new_logp_all.shape)} and "
+                         f"{tuple(ref_logp_all.shape)}")
+    return (new_logp_all.exp() * (new_logp_all - ref_logp_all.detach())).sum(-1)  # [B, T]
+
+
 # --------------------------------------------------------------------------
 # Clipped policy-gradient loss with KL penalty
 # --------------------------------------------------------------------------
@@ -107,8 +128,9 @@ def pg_loss(
     mask: Tensor,
     clip_eps: float = 0.2,
     kl_coef: float = 0.05,
+    kl_tokens: Tensor | None = None,
 ) -> LossParts:
-    """PPO-clip surrogate + k3 KL penalty, averaged over all real tokens.
+    """PPO-clip surrogate + KL penalty, averaged over all real tokens.
 
     new_logp, behaviour_logp, ref_logp: [B, T]
     mask:        [B, T]  1 (or True) for real sampled reply tokens, 0 for padding
@@ -119,6 +141,9 @@ def pg_loss(
         k3      = exp(log_r) - 1 - log_r,   log_r = ref_logp - new_logp
         term    = pg_term + kl_coef * k3
     loss = sum(term * mask) / sum(mask)
+
+    kl_tokens: [B, T] per-position KL with grad (e.g. :func:`full_kl`); when given it
+    replaces k3 in the penalty (ref_logp is then unused apart from its shape).
     """
     _check_shapes(new_logp, behaviour_logp, ref_logp, advantages, mask)
     if not 0.0 < clip_eps < 1.0:
@@ -166,6 +191,10 @@ def pg_loss(
     # pi_theta stays close to pi_behaviour (that is what clipping enforces), so
     # the bias is small, and the unweighted penalty has lower variance.
     k3 = torch.exp(log_r_ref) - 1.0 - log_r_ref  # [B, T]
+    if kl_tokens is not None:
+        if kl_tokens.shape != new_logp.shape:
+            raise ValueError(f"kl_tokens shape {tuple(kl_tokens.shape)} does not match {tuple(new_logp.shape)}")
+        k3 = torch.where(real, kl_tokens, zero)  # [B, T], the exact KL instead
 
     # --- Token-level masked mean over the whole batch -----------------------
     # Every real token in the batch weighs the same (so longer replies weigh

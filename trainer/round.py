@@ -10,8 +10,9 @@
              training), a fresh adapter when v0 is active, or full weights when
              ``full_finetune``. Reference = the adapter switched off (= the base model).
 3. train     epochs × shuffled minibatches: recompute log π_θ of the recorded tokens at
-             each reply's own temperature, reference logprobs without grad, PPO-clip +
-             KL loss (trainer/loss.py), backward, clip the grad norm, AdamW step.
+             each reply's own temperature, the reference without grad, PPO-clip + KL
+             loss (trainer/loss.py; the KL exact over the vocabulary by default),
+             backward, clip the grad norm, AdamW step.
              A NaN/inf anywhere, or the stop event, aborts: nothing is published.
 4. gates     probe prompts: KL to the base, empty/looping replies, finite loss.
 5. publish   atomic folder + registry row + activate, or a "rejected" row with the reason.
@@ -42,7 +43,7 @@ from bot.store import Store, Version
 from trainer.config import TrainerConfig
 from trainer.data import Example, collate, make_examples, minibatches, reply_logits, tempered
 from trainer.gates import GateReport, Interrupted, run_gates
-from trainer.loss import pg_loss, token_logprobs
+from trainer.loss import full_kl, pg_loss, token_logprobs
 from trainer.publish import prune, publish, reject
 
 log = logging.getLogger(__name__)
@@ -212,11 +213,20 @@ class Learner:
                     if stop.is_set():
                         raise Interrupted(f"stopped at epoch {epoch + 1}, step {step + 1}")
                     batch = collate([examples[i] for i in idx], pad)                   # [B, P+T] …
-                    ref_logp = self._reference_logp(model, reference, batch, idx, ref_cache)   # [B, T]
-                    new_logp = token_logprobs(tempered(reply_logits(model, batch), batch.temperature),
-                                              batch.targets)                               # [B, T], grad
+                    if t.kl_estimator == "full":
+                        new_all = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)
+                        ref_all = self._reference_all(model, reference, batch)            # [B, T, V]
+                        new_logp = new_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)  # [B, T], grad
+                        ref_logp = ref_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+                        kl_tokens = full_kl(new_all, ref_all)                              # [B, T], grad
+                        del ref_all
+                    else:
+                        ref_logp = self._reference_logp(model, reference, batch, idx, ref_cache)   # [B, T]
+                        new_logp = token_logprobs(tempered(reply_logits(model, batch), batch.temperature),
+                                                  batch.targets)                           # [B, T], grad
+                        kl_tokens = None
                     parts = pg_loss(new_logp, batch.behaviour_logp, ref_logp, batch.advantages, batch.mask,
-                                    clip_eps=t.clip_eps, kl_coef=t.kl_coef)
+                                    clip_eps=t.clip_eps, kl_coef=t.kl_coef, kl_tokens=kl_tokens)
                     loss = float(parts.loss.detach())
                     if not _finite(loss):
                         raise NonFinite(f"loss is {loss} at epoch {epoch + 1}, step {step + 1}")
@@ -248,6 +258,17 @@ class Learner:
         last = history[-1]
         return TrainStats(loss=last["loss"], kl=last["kl"], pg=last["pg"], clip_frac=last["clip_frac"],
                           first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history)
+
+    @torch.no_grad()
+    def _reference_all(self, model, reference, batch) -> torch.Tensor:
+        """log π_ref over the whole vocabulary at every reply position [B, T, V] (not cached:
+        [T, V] floats per reply would not fit for a window of hundreds)."""
+        if reference is None:
+            with model.disable_adapter():
+                logits = reply_logits(model, batch)
+        else:
+            logits = reply_logits(reference, batch)
+        return torch.log_softmax(tempered(logits, batch.temperature), -1)
 
     @torch.no_grad()
     def _reference_logp(self, model, reference, batch, idx: list[int], cache: dict) -> torch.Tensor:
