@@ -35,7 +35,8 @@ def test_json_has_two_rounds_with_fields(sim_run):
     assert saved["rounds"] == json.loads(json.dumps(results["rounds"]))
     assert len(saved["rounds"]) == 2
     for row in saved["rounds"]:
-        for key in ("like_rate", "mean_reward", "kl", "mean_words", "serving_version", "seconds", "train"):
+        for key in ("like_rate", "mean_reward", "kl", "mean_words", "symbol_spam_share", "serving_version", "seconds",
+                    "train"):
             assert key in row, key
         assert 0.0 <= row["like_rate"] <= 1.0
         assert -1.0 <= row["mean_reward"] <= 1.0
@@ -96,6 +97,14 @@ def test_tastes():
     assert py.p_up("x") == 0.75 and py.liked("x")
     with pytest.raises(ValueError):
         simulate.parse_taste("nonsense")
+
+
+def test_symbol_spam():
+    assert simulate.symbol_spam("Bella! 🌾🌼🌍🌪🌪🌩")
+    assert simulate.symbol_spam("Seremite! 😎👍👍👍👍")
+    assert not simulate.symbol_spam("Great idea! 😊 Let's go 👍")
+    assert not simulate.symbol_spam("Plain text, naïve café — “quotes” and 3 × 4 = 12.")
+    assert simulate.symbol_spam("cut off \ufffd\ufffd\ufffd\ufffd\ufffd")
 
 
 def half_liking(text: str) -> float:

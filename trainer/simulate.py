@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import typing
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -83,6 +84,14 @@ log = logging.getLogger("trainer.simulate")
 
 def word_count(text: str) -> int:
     return len(text.split())
+
+
+def symbol_spam(text: str, limit: int = 5) -> bool:
+    """A fluency check the taste does not see: the reply holds ``limit`` or more emoji/symbol
+    characters (Unicode category So, unassigned, or the replacement character of a cut
+    multi-byte sequence). Base replies almost never do; a model that learned "enthusiastic"
+    too well strings emoji together ("Bella! 🌾🌼🌍🌪🌪🌩…")."""
+    return sum(unicodedata.category(c) in ("So", "Cn", "Co") or c == "\ufffd" for c in text) >= limit
 
 
 @dataclass
@@ -342,6 +351,7 @@ async def measure(core, store, asked: list[Asked], taste: Taste) -> dict:
         "like_rate": sum(taste.liked(a.sent_text) for a in replied) / n,
         "mean_reward": sum(rewards) / len(rewards) if rewards else None,
         "mean_words": sum(word_count(a.sent_text) for a in replied) / n,
+        "symbol_spam_share": sum(symbol_spam(a.sent_text) for a in replied) / n,
     }
 
 
@@ -355,6 +365,7 @@ def print_row(row: dict) -> None:
                + f" KL {_fmt(train.get('kl'), '.4f')}") if train else "eval only"
     print(f"round {row['round']!s:>5}: v{row['serving_version']} like-rate {row['like_rate']:.2f}  "
           f"reward {_fmt(row['mean_reward'], '+.2f')}  words {row['mean_words']:.1f}  "
+          f"emoji-spam {row['symbol_spam_share']:.2f}  "
           f"KL(v{row['serving_version']}) {_fmt(row['serving_kl'], '.4f')}  | {trained}  "
           f"| {row['seconds']:.0f}s (gen {row['generate_seconds']:.0f}s)", flush=True)
     if row.get("served_kl") is not None:
@@ -641,7 +652,8 @@ def print_summary(results: dict) -> None:
           f"(round {last['round']}, v{last['serving_version']}); KL to base: probes {_fmt(kl, '.4f')}, "
           f"served replies {_fmt(last.get('served_kl'), '.4f')}; base-model NLL of the replies "
           f"{_fmt(first.get('base_nll'), '.2f')} -> {_fmt(last.get('base_nll'), '.2f')}; "
-          f"words {first['mean_words']:.1f} -> {last['mean_words']:.1f}; {results['total_seconds']:.0f}s in all")
+          f"words {first['mean_words']:.1f} -> {last['mean_words']:.1f}; replies with emoji spam "
+          f"{first['symbol_spam_share']:.2f} -> {last['symbol_spam_share']:.2f}; {results['total_seconds']:.0f}s in all")
     ev = results.get("eval")
     if ev:
         print(f"same {ev['prompts']} prompts: like-rate {ev['base_like_rate']:.2f} (v{ev['base_version']}) -> "
