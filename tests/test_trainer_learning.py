@@ -247,6 +247,9 @@ def test_gate_pieces(tmp_path, tiny_model_dir):
     assert repetition("the quick brown fox jumps over the lazy dog") == 0.0
     assert repetition("I am ok I am ok I am ok I am ok") > 0.5
     assert repetition("") == 0.0
+    # emoji strings are loops too, though they hold no spaces; one or two emoji are fine
+    assert repetition("Seremite! 😎👍👍👍👍👍👍👍👍👍👍👍👍") > 0.5
+    assert repetition("Great idea! 😊 Let's go 👍") == 0.0
     prompts = [render_prompt(tok, "", p) for p in PROBES[:2]]
     replies = [tok.encode(" hello there", add_special_tokens=False), []]
     assert probe_kl(model, model, prompts, replies, 0.8, tok.pad_token_id) == pytest.approx(0.0, abs=1e-6)

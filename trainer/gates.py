@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
+import unicodedata
 from dataclasses import dataclass, field
 
 import torch
@@ -66,9 +67,26 @@ def render_prompt(tokenizer, system_prompt: str, text: str) -> list[int]:
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 
+def _words(text: str) -> list[str]:
+    """Whitespace-separated words, with each emoji/symbol character (Unicode category So) a
+    word of its own, so that "👍👍👍👍👍" is a loop and not one long word."""
+    out: list[str] = []
+    for word in text.lower().split():
+        current = ""
+        for ch in word:
+            if unicodedata.category(ch) == "So":
+                out += [current, ch] if current else [ch]
+                current = ""
+            else:
+                current += ch
+        if current:
+            out.append(current)
+    return out
+
+
 def repetition(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier one: 0 for varied text, → 1 for loops."""
-    words = text.lower().split()
+    words = _words(text)
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0
