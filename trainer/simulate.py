@@ -647,7 +647,7 @@ def plot(results: dict, path: Path) -> None:
 def print_summary(results: dict) -> None:
     rows = results["rounds"]
     first, last = rows[0], results.get("final") or rows[-1]
-    kl = next((r["train"]["kl"] for r in reversed(rows) if r.get("train") and r["train"].get("kl") is not None), None)
+    kl = last.get("serving_kl")        # of the version that wrote the last replies (a rejected candidate's is not)
     print(f"\nlike-rate {first['like_rate']:.2f} (round 1, v{first['serving_version']}) -> {last['like_rate']:.2f} "
           f"(round {last['round']}, v{last['serving_version']}); KL to base: probes {_fmt(kl, '.4f')}, "
           f"served replies {_fmt(last.get('served_kl'), '.4f')}; base-model NLL of the replies "
