@@ -131,6 +131,16 @@ def reply_logits(model, batch: Batch) -> Tensor:
     return out.logits[:, :-1]                                            # [B, T, V]
 
 
+def reference_logits(model, reference, batch: Batch) -> Tensor:
+    """``reply_logits`` of the reference policy: ``reference`` when it is a separate model (full
+    fine-tuning), otherwise ``model`` with its LoRA adapter switched off. No grad."""
+    with torch.no_grad():
+        if reference is not None:
+            return reply_logits(reference, batch)
+        with model.disable_adapter():
+            return reply_logits(model, batch)
+
+
 def tempered(logits: Tensor, temperature: Tensor) -> Tensor:
     """Divide each row's logits by that reply's sampling temperature: [B, T, V] / [B] → [B, T, V]."""
     return logits.float() / temperature.to(logits.device).view(-1, 1, 1)

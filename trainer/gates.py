@@ -27,6 +27,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from trainer.data import Example, collate, reply_logits, tempered
+from trainer.loss import full_kl
 
 PROBES = [
     "Hi! How are you doing today?",
@@ -153,7 +154,7 @@ def probe_kl(candidate, reference, prompts, replies, temperature: float, pad: in
             logp_r, _ = _token_dists(candidate, prompts, replies, temperature, pad)
     else:
         logp_r, _ = _token_dists(reference, prompts, replies, temperature, pad)
-    kl = (logp_c.exp() * (logp_c - logp_r)).sum(-1)                           # [B, T]
+    kl = full_kl(logp_c, logp_r)                                               # [B, T]
     return float((kl * mask).sum() / mask.sum().clamp(min=1.0))
 
 

@@ -190,10 +190,11 @@ def pg_loss(
     # GRPOTrainer we evaluate k3 at the behaviour samples with no weighting:
     # pi_theta stays close to pi_behaviour (that is what clipping enforces), so
     # the bias is small, and the unweighted penalty has lower variance.
-    k3 = torch.exp(log_r_ref) - 1.0 - log_r_ref  # [B, T]
-    if kl_tokens is not None:
-        if kl_tokens.shape != new_logp.shape:
-            raise ValueError(f"kl_tokens shape {tuple(kl_tokens.shape)} does not match {tuple(new_logp.shape)}")
+    if kl_tokens is None:
+        k3 = torch.exp(log_r_ref) - 1.0 - log_r_ref  # [B, T]
+    elif kl_tokens.shape != new_logp.shape:
+        raise ValueError(f"kl_tokens shape {tuple(kl_tokens.shape)} does not match {tuple(new_logp.shape)}")
+    else:
         k3 = torch.where(real, kl_tokens, zero)  # [B, T], the exact KL instead
 
     # --- Token-level masked mean over the whole batch -----------------------

@@ -41,7 +41,7 @@ from bot.models import load_model_and_tokenizer
 from bot.policy import VersionError, read_verified_version
 from bot.store import Store, Version
 from trainer.config import TrainerConfig
-from trainer.data import Example, collate, make_examples, minibatches, reply_logits, tempered
+from trainer.data import Example, collate, make_examples, minibatches, reference_logits, reply_logits, tempered
 from trainer.gates import GateReport, Interrupted, run_gates
 from trainer.loss import full_kl, pg_loss, token_logprobs
 from trainer.publish import prune, publish, reject
@@ -263,23 +263,14 @@ class Learner:
     def _reference_all(self, model, reference, batch) -> torch.Tensor:
         """log π_ref over the whole vocabulary at every reply position [B, T, V] (not cached:
         [T, V] floats per reply would not fit for a window of hundreds)."""
-        if reference is None:
-            with model.disable_adapter():
-                logits = reply_logits(model, batch)
-        else:
-            logits = reply_logits(reference, batch)
-        return torch.log_softmax(tempered(logits, batch.temperature), -1)
+        return torch.log_softmax(tempered(reference_logits(model, reference, batch), batch.temperature), -1)
 
     @torch.no_grad()
     def _reference_logp(self, model, reference, batch, idx: list[int], cache: dict) -> torch.Tensor:
         """log π_ref of the batch's reply tokens [B, T], computed once per reply and cached."""
         missing = [i for i in idx if i not in cache]
         if missing:
-            if reference is None:
-                with model.disable_adapter():
-                    logits = reply_logits(model, batch)
-            else:
-                logits = reply_logits(reference, batch)
+            logits = reference_logits(model, reference, batch)
             logp = token_logprobs(tempered(logits, batch.temperature), batch.targets)    # [B, T]
             for row, i in enumerate(idx):
                 cache[i] = logp[row, :int(batch.mask[row].sum())].clone()

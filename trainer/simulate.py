@@ -544,7 +544,8 @@ def reply_stats(learner, version, records, chunk: int = 8) -> dict:
       scores high; for v0 it is the base's own cross-entropy on its samples."""
     import torch
 
-    from trainer.data import Example, collate, reply_logits, tempered
+    from trainer.data import Example, collate, reference_logits, reply_logits, tempered
+    from trainer.loss import full_kl
 
     learner.load()
     base_only = version is None or version.id == 0
@@ -561,14 +562,9 @@ def reply_stats(learner, version, records, chunk: int = 8) -> dict:
             batch = collate([Example(r.id, r.prompt_ids, r.output_ids, r.logprobs, r.temperature, 0.0)
                              for r in records[i:i + chunk]], pad)
             logp = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)   # [B, T, V]
-            if base_only:
-                base = logp
-            elif reference is None:
-                with model.disable_adapter():
-                    base = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)
-            else:
-                base = torch.log_softmax(tempered(reply_logits(reference, batch), batch.temperature), -1)
-            kl = (logp.exp() * (logp - base)).sum(-1)                                    # [B, T]
+            base = logp if base_only else torch.log_softmax(
+                tempered(reference_logits(model, reference, batch), batch.temperature), -1)
+            kl = full_kl(logp, base)                                                     # [B, T]
             nll = -base.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)               # [B, T]
             kl_sum += float((kl * batch.mask).sum())
             nll_sum += float((nll * batch.mask).sum())
