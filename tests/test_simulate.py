@@ -99,13 +99,5 @@ def test_tastes():
         simulate.parse_taste("nonsense")
 
 
-def test_symbol_spam():
-    assert simulate.symbol_spam("Bella! 🌾🌼🌍🌪🌪🌩")
-    assert simulate.symbol_spam("Seremite! 😎👍👍👍👍")
-    assert not simulate.symbol_spam("Great idea! 😊 Let's go 👍")
-    assert not simulate.symbol_spam("Plain text, naïve café — “quotes” and 3 × 4 = 12.")
-    assert simulate.symbol_spam("cut off \ufffd\ufffd\ufffd\ufffd\ufffd")
-
-
 def half_liking(text: str) -> float:
     return 0.5

@@ -16,7 +16,7 @@ from bot.policy import Policy, Turn
 from tests.trainer_helpers import (add_rated, prompt_ids, seq_logprob, tiny_config,
                                    token_logps, trainer_config)
 from trainer.data import collate, make_examples, reply_logits, tempered
-from trainer.gates import PROBES, probe_kl, render_prompt, repetition
+from trainer.gates import PROBES, probe_kl, render_prompt
 from trainer.loss import token_logprobs
 from trainer.round import Learner, run_round
 
@@ -116,7 +116,7 @@ async def test_round_makes_liked_reply_likelier_and_disliked_less_likely(tmp_pat
     # a second round continues from v1
     again = await run_round(store, cfg, tcfg, learner, use_all=True)
     assert again.status == "published" and (again.version, again.parent) == (2, 1)
-    assert (await store.get_version(2)).metrics["start"] == "continuing v1 (lora)"
+    assert (await store.get_version(2)).metrics["start"] == "continuing v1 (lora), its optimizer state"
 
 
 @pytest.mark.asyncio
@@ -244,12 +244,6 @@ def test_gate_pieces(tmp_path, tiny_model_dir):
             assert render_prompt(tok, "Be brief.", text) == policy.build_prompt([Turn("user", text)])
     finally:
         policy.close()
-    assert repetition("the quick brown fox jumps over the lazy dog") == 0.0
-    assert repetition("I am ok I am ok I am ok I am ok") > 0.5
-    assert repetition("") == 0.0
-    # emoji strings are loops too, though they hold no spaces; one or two emoji are fine
-    assert repetition("Seremite! 😎👍👍👍👍👍👍👍👍👍👍👍👍") > 0.5
-    assert repetition("Great idea! 😊 Let's go 👍") == 0.0
     prompts = [render_prompt(tok, "", p) for p in PROBES[:2]]
     replies = [tok.encode(" hello there", add_special_tokens=False), []]
     assert probe_kl(model, model, prompts, replies, 0.8, tok.pad_token_id) == pytest.approx(0.0, abs=1e-6)

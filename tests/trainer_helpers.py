@@ -17,7 +17,7 @@ from trainer.gates import render_prompt
 # Small and quick, and gates loose enough for a random model (tests that check gates set their own).
 FAST_TRAINER = {
     "epochs": 4, "minibatch_size": 8, "lr": 5e-3, "lora_rank": 4, "lora_alpha": 8,
-    "probe_max_new_tokens": 8, "max_kl": 50.0, "max_repetition": 1.0, "max_empty_share": 1.0,
+    "probe_max_new_tokens": 8, "max_kl": 50.0, "max_repetition": 1.0, "max_empty_share": 1.0, "max_spam_share": 1.0,
     "settle_seconds": 0.0, "heartbeat_seconds": 0.2, "interval_seconds": 0.5, "min_new_ratings": 2,
 }
 

@@ -31,6 +31,9 @@ class TrainerConfig:
     # -- the update -------------------------------------------------------------
     baseline: str = setting("mean", 'Advantage = reward - baseline: "mean" (batch mean), "mean_std" (also divide '
                             'by the std, GRPO-style) or "none".')
+    punish_degenerate: bool = setting(True, "Learn from a degenerate reply (5+ emoji/symbol characters, or repeated "
+                                      "word 3-grams over max_repetition) as if it were disliked (reward -1), "
+                                      "whatever its votes, so the model never learns that spam pleases.")
     lr: float = setting(2e-4, "AdamW learning rate.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     epochs: int = setting(2, "Passes over the round's replies.")
@@ -42,6 +45,9 @@ class TrainerConfig:
                                 "summed over the vocabulary: no heavy tail, what the gate measures) or \"k3\" (the "
                                 "sampled-token estimate: less memory, but heavy-tailed once the policy has moved "
                                 "away from the one that wrote the replies).")
+    keep_optimizer: bool = setting(True, "Carry AdamW's moments from version to version (optimizer.safetensors "
+                                   "beside a LoRA adapter), so each round's steps are scaled by what earlier rounds "
+                                   "saw instead of starting as lr·sign(gradient) for every weight.")
     max_grad_norm: float = setting(1.0, "Gradients are clipped to this global norm before each step.")
     # -- what is trained ----------------------------------------------------------
     full_finetune: bool = setting(False, "Train every weight instead of a LoRA adapter (versions are then the "
@@ -58,6 +64,8 @@ class TrainerConfig:
     max_repetition: float = setting(0.5, "Gate: mean share of repeated word 3-grams in the probe replies must "
                                     "stay at or below this (catches degenerate loops).")
     max_empty_share: float = setting(0.25, "Gate: at most this share of probe replies may be empty.")
+    max_spam_share: float = setting(0.125, "Gate: at most this share of probe replies may hold 5+ emoji/symbol "
+                                    "characters (0.125 = one of the 8 probes).")
     probe_max_new_tokens: int = setting(48, "Tokens sampled per probe prompt for the gates.")
     # -- housekeeping -------------------------------------------------------------
     keep_versions: int = setting(5, "Published version folders kept on disk (the active one and its parent are "
@@ -95,6 +103,7 @@ class TrainerConfig:
         check(self.max_kl > 0, "max_kl", "must be > 0 nats.")
         check(0 < self.max_repetition <= 1, "max_repetition", "must be in (0, 1].")
         check(0 <= self.max_empty_share <= 1, "max_empty_share", "must be in [0, 1].")
+        check(0 <= self.max_spam_share <= 1, "max_spam_share", "must be in [0, 1].")
         check(1 <= self.probe_max_new_tokens <= 1024, "probe_max_new_tokens", "must be between 1 and 1024.")
         check(self.keep_versions >= 2, "keep_versions", "must be at least 2 (the active version and one to "
                                                         "roll back to).")

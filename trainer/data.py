@@ -28,7 +28,10 @@ import torch
 from torch import Tensor
 
 from bot.store import ReplyRecord
+from trainer.fluency import degenerate
 from trainer.loss import advantages as compute_advantages
+
+DEGENERATE_REWARD = -1.0   # what a degenerate reply counts as with punish_degenerate (a thumbs-down)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Example:
     temperature: float
     reward: float
     advantage: float = 0.0
+    degenerate: str = ""      # why the reply was judged degenerate ('' when it was not)
 
 
 @dataclass
@@ -79,20 +83,29 @@ def usable(r: ReplyRecord) -> str:
     return ""
 
 
-def make_examples(replies: Sequence[ReplyRecord], baseline: str = "mean") -> list[Example]:
+def make_examples(replies: Sequence[ReplyRecord], baseline: str = "mean", *, punish_degenerate: bool = False,
+                  max_repetition: float = 0.5) -> list[Example]:
     """Usable replies → examples with advantages computed over all of them together.
 
     The baseline is taken over the whole round (not per minibatch), so a minibatch of
     only liked replies still pushes the liked ones up by how much better than average
-    they were."""
+    they were.
+
+    With ``punish_degenerate`` a reply that is emoji/symbol spam or a word loop
+    (trainer/fluency.py) counts as disliked (reward DEGENERATE_REWARD) whatever its votes:
+    people who like enthusiasm may like "Bella! 🌾🌼🌍🌪🌪…" too, and learning from that
+    vote teaches the model to spam."""
     kept = [r for r in replies if not usable(r)]
     if not kept:
         return []
-    rewards = torch.tensor([float(r.reward) for r in kept], dtype=torch.float32)   # [N]
+    why = [degenerate(r.text, max_repetition) if punish_degenerate else "" for r in kept]
+    rewards = torch.tensor([DEGENERATE_REWARD if w else float(r.reward) for r, w in zip(kept, why)],
+                           dtype=torch.float32)                                     # [N]
     adv = compute_advantages(rewards, baseline)                                     # [N]
     return [Example(reply_id=r.id, prompt_ids=list(r.prompt_ids), output_ids=list(r.output_ids),
-                    behaviour_logp=list(r.logprobs), temperature=float(r.temperature), reward=float(r.reward),
-                    advantage=float(a)) for r, a in zip(kept, adv.tolist())]
+                    behaviour_logp=list(r.logprobs), temperature=float(r.temperature), reward=float(rw),
+                    advantage=float(a), degenerate=w)
+            for r, rw, a, w in zip(kept, rewards.tolist(), adv.tolist(), why)]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

@@ -9,8 +9,9 @@ Then:
   sum_v p_c(v) (log p_c(v) - log p_r(v)) with both distributions tempered by the serving
   temperature (top-p truncation is ignored). Reference = the same model with the
   adapter off, i.e. the base model (for a full fine-tune, the cached base copy).
-- no degenerate output: at most ``max_empty_share`` of the replies empty, and the mean
-  share of repeated word 3-grams at most ``max_repetition``;
+- no degenerate output: at most ``max_empty_share`` of the replies empty, at most
+  ``max_spam_share`` emoji/symbol spam, and the mean share of repeated word 3-grams at
+  most ``max_repetition`` (trainer/fluency.py);
 - the training loss was finite.
 
 A GateReport says which check failed, with the numbers, in words a person can act on.
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import math
 import threading
-import unicodedata
 from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from trainer.data import Example, collate, reply_logits, tempered
+from trainer.fluency import repetition, symbol_spam
 from trainer.loss import full_kl
 
 PROBES = [
@@ -52,10 +53,12 @@ class GateReport:
     kl: float
     repetition: float
     empty_share: float = 0.0
+    spam_share: float = 0.0
     samples: list[str] = field(default_factory=list)
 
     def as_metrics(self) -> dict:
         return {"probe_kl": self.kl, "probe_repetition": self.repetition, "probe_empty_share": self.empty_share,
+                "probe_spam_share": self.spam_share,
                 "probe_samples": self.samples}
 
 
@@ -66,32 +69,6 @@ def render_prompt(tokenizer, system_prompt: str, text: str) -> list[int]:
     messages.append({"role": "user", "content": text})
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(rendered, add_special_tokens=False)
-
-
-def _words(text: str) -> list[str]:
-    """Whitespace-separated words, with each emoji/symbol character (Unicode category So) a
-    word of its own, so that "👍👍👍👍👍" is a loop and not one long word."""
-    out: list[str] = []
-    for word in text.lower().split():
-        current = ""
-        for ch in word:
-            if unicodedata.category(ch) == "So":
-                out += [current, ch] if current else [ch]
-                current = ""
-            else:
-                current += ch
-        if current:
-            out.append(current)
-    return out
-
-
-def repetition(text: str, n: int = 3) -> float:
-    """Share of word n-grams that repeat an earlier one: 0 for varied text, → 1 for loops."""
-    words = _words(text)
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
 
 
 class _StopOnEvent(StoppingCriteria):
@@ -173,15 +150,23 @@ def run_gates(candidate, reference, tokenizer, *, system_prompt: str, temperatur
     finally:
         candidate.train(was_training)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
+    return judge(texts, kl, tcfg)
+
+
+def judge(texts: list[str], kl: float, tcfg) -> GateReport:
+    """The verdict on the candidate's probe replies ``texts`` and its probe KL, first failure first."""
     rep = sum(repetition(t) for t in texts) / len(texts)
     empty = sum(1 for t in texts if not t) / len(texts)
-    report = GateReport(True, "", kl, rep, empty, texts)
+    spam = sum(1 for t in texts if symbol_spam(t)) / len(texts)
+    report = GateReport(True, "", kl, rep, empty, spam, texts)
     if not math.isfinite(kl):
         report.passed, report.reason = False, f"probe KL is not finite ({kl})"
     elif kl > tcfg.max_kl:
         report.passed, report.reason = False, f"KL {kl:.2g} > {tcfg.max_kl:g}"
     elif empty > tcfg.max_empty_share:
         report.passed, report.reason = False, f"{empty:.0%} of probe replies empty > {tcfg.max_empty_share:.0%}"
+    elif spam > tcfg.max_spam_share:
+        report.passed, report.reason = False, f"{spam:.0%} of probe replies are emoji spam > {tcfg.max_spam_share:.0%}"
     elif rep > tcfg.max_repetition:
         report.passed, report.reason = False, f"repetition {rep:.2f} > {tcfg.max_repetition:g}"
     return report

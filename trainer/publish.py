@@ -6,6 +6,7 @@
         meta.json         {"version", "parent", "kind", "weights_file", "sha256", ...}
         adapter_model.safetensors + adapter_config.json   (kind "lora", peft format)
         model.safetensors                                 (kind "full")
+        optimizer.safetensors                             (AdamW moments, LoRA only; optional)
 
 Steps (:func:`publish`): write everything into the tmp folder, fsync each file and the
 folder, ``os.rename`` it to ``vNNNN`` (atomic on one filesystem), fsync ``versions_dir``,
@@ -36,6 +37,7 @@ from safetensors.torch import save_file
 
 from bot.models import fsync_dir, sha256_file
 from bot.store import Store
+from trainer.optim_state import OPTIMIZER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,8 @@ def write_weights(folder: Path, model, kind: str) -> str:
     raise ValueError(f"unknown version kind {kind!r}")
 
 
-def stage(versions_dir: Path, version: int, model, kind: str, meta: dict) -> tuple[Path, str]:
+def stage(versions_dir: Path, version: int, model, kind: str, meta: dict,
+          optimizer: dict[str, torch.Tensor] | None = None) -> tuple[Path, str]:
     """Write weights + meta.json into ``versions_dir/.tmp-vNNNN-PID`` and fsync them.
 
     Returns (tmp folder, sha256 of the weights). Nothing is visible yet."""
@@ -99,6 +102,9 @@ def stage(versions_dir: Path, version: int, model, kind: str, meta: dict) -> tup
     weights_file = write_weights(tmp, model, kind)
     sha = sha256_file(tmp / weights_file)
     meta = {**meta, "version": version, "kind": kind, "weights_file": weights_file, "sha256": sha}
+    if optimizer:
+        save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+        meta["optimizer_sha256"] = sha256_file(tmp / OPTIMIZER_FILE)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
     for p in tmp.iterdir():
         p.chmod(0o644)       # readable by the bot even if it runs as another user of the group
@@ -116,7 +122,8 @@ def commit(tmp: Path, final: Path) -> None:
 
 
 async def publish(store: Store, versions_dir: Path, *, version: int, parent: int, model, kind: str,
-                  meta: dict, metrics: dict, before_rename: Callable[[Path], None] | None = None) -> Path:
+                  meta: dict, metrics: dict, before_rename: Callable[[Path], None] | None = None,
+                  optimizer: dict[str, torch.Tensor] | None = None) -> Path:
     """Stage, rename and register+activate version ``version``. Returns its folder.
 
     ``before_rename(tmp)`` runs after the files are written and synced and before the
@@ -127,7 +134,7 @@ async def publish(store: Store, versions_dir: Path, *, version: int, parent: int
     versions_dir = Path(versions_dir)
     final = versions_dir / version_dirname(version)
     meta = {**meta, "parent": parent, "metrics": metrics, "created_at": time.time()}
-    tmp, sha = await asyncio.to_thread(stage, versions_dir, version, model, kind, meta)
+    tmp, sha = await asyncio.to_thread(stage, versions_dir, version, model, kind, meta, optimizer)
     try:
         if before_rename is not None:
             before_rename(tmp)

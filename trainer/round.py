@@ -7,8 +7,9 @@
 1. data      the newest ``window`` rated replies whose votes have settled (every rated
              reply for a train request or ``use_all``); fewer than 2 → skipped.
 2. model     a trainable copy of the base: the ACTIVE version's LoRA adapter (continue
-             training), a fresh adapter when v0 is active, or full weights when
-             ``full_finetune``. Reference = the adapter switched off (= the base model).
+             training, with its AdamW moments when ``keep_optimizer``), a fresh adapter
+             when v0 is active, or full weights when ``full_finetune``.
+             Reference = the adapter switched off (= the base model).
 3. train     epochs × shuffled minibatches: recompute log π_θ of the recorded tokens at
              each reply's own temperature, the reference without grad, PPO-clip + KL
              loss (trainer/loss.py; the KL exact over the vocabulary by default),
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import math
 import sys
@@ -44,6 +46,7 @@ from trainer.config import TrainerConfig
 from trainer.data import Example, collate, make_examples, minibatches, reference_logits, reply_logits, tempered
 from trainer.gates import GateReport, Interrupted, run_gates
 from trainer.loss import full_kl, pg_loss, token_logprobs
+from trainer.optim_state import export_adam, import_adam, read_optimizer
 from trainer.publish import prune, publish, reject
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,7 @@ class TrainStats:
     grad_norm: float
     steps: int
     history: list[dict] = field(default_factory=list)   # per-epoch means
+    optimizer: dict = field(default_factory=dict, repr=False)   # AdamW state to publish (optim_state.py)
 
 
 def _finite(x: float) -> bool:
@@ -190,14 +194,21 @@ class Learner:
         return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, dynamic_ncols=True, leave=True)
 
     def train(self, model, reference, examples: list[Example], *, seed: int, stop: threading.Event,
-              tcfg: TrainerConfig | None = None, desc: str = "round") -> TrainStats:
-        """Epochs × shuffled minibatches of the clipped policy-gradient loss (blocking)."""
+              tcfg: TrainerConfig | None = None, desc: str = "round", opt_state: dict | None = None) -> TrainStats:
+        """Epochs × shuffled minibatches of the clipped policy-gradient loss (blocking).
+
+        ``opt_state``: the parent version's AdamW moments (trainer/optim_state.py), loaded
+        before the first step when they fit."""
         t = tcfg or self.tcfg
         pad = self.tokenizer.pad_token_id
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("the candidate has no trainable parameters")
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        if opt_state:
+            why = import_adam(model, opt, opt_state)
+            (log.info("optimizer: continuing the parent's AdamW state") if not why
+             else log.warning("optimizer: starting fresh (%s)", why))
         gen = torch.Generator().manual_seed(seed)
         mean_reward = sum(e.reward for e in examples) / len(examples)
         ref_cache: dict[int, torch.Tensor] = {}    # example index → reference logprobs [t]: base is frozen
@@ -257,7 +268,8 @@ class Learner:
             model.eval()
         last = history[-1]
         return TrainStats(loss=last["loss"], kl=last["kl"], pg=last["pg"], clip_frac=last["clip_frac"],
-                          first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history)
+                          first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history,
+                          optimizer=export_adam(model, opt) if t.keep_optimizer and not t.full_finetune else {})
 
     @torch.no_grad()
     def _reference_all(self, model, reference, batch) -> torch.Tensor:
@@ -291,6 +303,16 @@ class Learner:
 # -- the round ------------------------------------------------------------------
 
 
+def parent_optimizer(version: Version) -> tuple[dict | None, str]:
+    """The AdamW state saved with ``version`` (checked against meta.json), or (None, why not)."""
+    try:
+        meta = json.loads((Path(version.path) / "meta.json").read_text())
+    except (OSError, TypeError, ValueError) as e:
+        return None, f"meta.json unreadable ({type(e).__name__})"
+    return read_optimizer(Path(version.path), meta.get("optimizer_sha256"))
+
+
+
 async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Learner, *,
                     request_id: int | None = None, use_all: bool = False,
                     stop: threading.Event | None = None,
@@ -316,7 +338,8 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
     # 1. data: settled rated replies → examples with advantages
     settled_before = time.time() if (use_all or request_id is not None) else time.time() - tcfg.settle_seconds
     replies = await store.rated_replies(settled_before, limit=tcfg.window)
-    examples = make_examples(replies, tcfg.baseline)
+    examples = make_examples(replies, tcfg.baseline, punish_degenerate=tcfg.punish_degenerate,
+                             max_repetition=tcfg.max_repetition)
     if len(examples) < 2:
         return await finish(RoundResult("skipped", n_replies=len(examples),
                                         reason=f"{len(examples)} settled rated replies; need at least 2"))
@@ -327,8 +350,12 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
                                         reason=f"all {n} rated replies have the same reward ({mean_reward:+.2f}); "
                                                f"nothing to learn with the '{tcfg.baseline}' baseline"))
     seed = tcfg.seed + parent
+    n_degenerate = sum(1 for e in examples if e.degenerate)
     log.info("round: %d rated replies (ids %d..%d), mean reward %+.2f, from v%d", n, examples[0].reply_id,
              examples[-1].reply_id, mean_reward, parent)
+    if n_degenerate:
+        log.info("round: %d degenerate replies counted as disliked (%s)", n_degenerate,
+                 ", ".join(sorted({e.degenerate.split(" (")[0] for e in examples if e.degenerate})))
 
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -341,13 +368,17 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
 
     try:
         # 2. model: continue the active version (reference = adapter off / base copy)
-        model, kind, reference, note = await asyncio.to_thread(
-            learner.candidate, await store.get_version(parent), seed, tcfg)
+        start = await store.get_version(parent)
+        model, kind, reference, note = await asyncio.to_thread(learner.candidate, start, seed, tcfg)
+        opt_state = None
+        if kind == "lora" and tcfg.keep_optimizer and note.startswith("continuing"):
+            opt_state, why = await asyncio.to_thread(parent_optimizer, start)
+            note += ", its optimizer state" if opt_state else f", a fresh optimizer ({why})"
         log.info("candidate: %s, %s", kind, note)
         lap("model")
         # 3. train
         stats = await asyncio.to_thread(learner.train, model, reference, examples, seed=seed, stop=stop,
-                                        tcfg=tcfg, desc=f"round from v{parent}")
+                                        tcfg=tcfg, desc=f"round from v{parent}", opt_state=opt_state)
         lap("train")
         # 4. gates
         report = await asyncio.to_thread(learner.gates, model, reference, stats.loss, stop, cfg, tcfg)
@@ -371,7 +402,8 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
 
     # 5. publish or reject
     version = await store.next_version_id()
-    metrics = {"n_replies": n, "mean_reward": mean_reward, "last_reply_id": max(e.reply_id for e in examples),
+    metrics = {"n_replies": n, "n_degenerate": n_degenerate, "mean_reward": mean_reward,
+               "last_reply_id": max(e.reply_id for e in examples),
                "loss": stats.loss, "train_kl": stats.kl, "pg": stats.pg, "clip_frac": stats.clip_frac,
                "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
                "kind": kind, "start": note, "seconds": timings, **report.as_metrics()}
@@ -386,7 +418,7 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
     meta = {"base_model": cfg.model.name, "trainer": asdict(tcfg), "reply_ids": [e.reply_id for e in examples]}
     try:
         await publish(store, cfg.versions_dir, version=version, parent=parent, model=model, kind=kind, meta=meta,
-                      metrics=metrics, before_rename=before_rename)
+                      metrics=metrics, before_rename=before_rename, optimizer=stats.optimizer)
     except Exception as e:  # noqa: BLE001
         log.exception("publishing v%d failed", version)
         return await finish(RoundResult("failed", n_replies=n, mean_reward=mean_reward, kl=report.kl,

@@ -52,7 +52,6 @@ import tempfile
 import threading
 import time
 import typing
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -63,6 +62,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bot.events import Message, Reaction  # noqa: E402
 from bot.rewards import THUMBS_DOWN, THUMBS_UP  # noqa: E402
+from trainer.fluency import symbol_spam  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.txt")
 PLATFORM = "sim"
@@ -84,14 +84,6 @@ log = logging.getLogger("trainer.simulate")
 
 def word_count(text: str) -> int:
     return len(text.split())
-
-
-def symbol_spam(text: str, limit: int = 5) -> bool:
-    """A fluency check the taste does not see: the reply holds ``limit`` or more emoji/symbol
-    characters (Unicode category So, unassigned, or the replacement character of a cut
-    multi-byte sequence). Base replies almost never do; a model that learned "enthusiastic"
-    too well strings emoji together ("Bella! 🌾🌼🌍🌪🌪🌩…")."""
-    return sum(unicodedata.category(c) in ("So", "Cn", "Co") or c == "\ufffd" for c in text) >= limit
 
 
 @dataclass
