@@ -354,7 +354,8 @@ def _fmt(x, spec: str = ".3f") -> str:
 def print_row(row: dict) -> None:
     train = row.get("train") or {}
     trained = (f"train {train['status']}" + (f" v{train['version']}" if train.get("version") is not None else "")
-               + f" KL {_fmt(train.get('kl'), '.4f')}") if train else "eval only"
+               + f" KL {_fmt(train.get('kl'), '.4f')}"
+               + (f", {train['n_degenerate']} degenerate" if train.get("n_degenerate") else "")) if train else "eval only"
     print(f"round {row['round']!s:>5}: v{row['serving_version']} like-rate {row['like_rate']:.2f}  "
           f"reward {_fmt(row['mean_reward'], '+.2f')}  words {row['mean_words']:.1f}  "
           f"emoji-spam {row['symbol_spam_share']:.2f}  "
@@ -444,6 +445,8 @@ async def run(args) -> dict:
                                 "train_kl": m.get("train_kl"), "clip_frac": m.get("clip_frac"),
                                 "probe_repetition": m.get("probe_repetition"),
                                 "probe_empty_share": m.get("probe_empty_share"),
+                                "probe_spam_share": m.get("probe_spam_share"), "n_degenerate": m.get("n_degenerate"),
+                                "start": m.get("start"),
                                 "seconds": round(res.seconds, 2), "timings": res.timings,
                                 "wall_seconds": round(time.monotonic() - t1, 2)}
             row["version_after"] = policy.active_version
