@@ -1,0 +1,93 @@
+"""What a round's replies measure: like-rate, reward, length, spam, and the KL of the serving version."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from trainer.fluency import symbol_spam
+
+from .people import Asked
+from .tastes import Taste, word_count
+
+
+async def version_kl(store, version: int) -> float | None:
+    if version == 0:
+        return 0.0
+    v = await store.get_version(version)
+    return v.metrics.get("probe_kl") if v else None
+
+
+async def measure(core, store, asked: list[Asked], taste: Taste) -> dict:
+    replied = [a for a in asked if a.reply_id is not None]
+    rewards, items = [], []
+    for a in replied:
+        r = await store.get_reply(a.reply_id)
+        reward = r.reward if r is not None else None
+        if reward is not None:
+            rewards.append(reward)
+        items.append({"reply_id": a.reply_id, "prompt": a.prompt, "text": a.sent_text,
+                      "liked": taste.liked(a.sent_text), "reward": reward})
+    n = max(1, len(replied))
+    return {"replies": items,
+        "n_replies": len(replied),
+        "failed": len(asked) - len(replied),
+        "like_rate": sum(taste.liked(a.sent_text) for a in replied) / n,
+        "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+        "mean_words": sum(word_count(a.sent_text) for a in replied) / n,
+        "symbol_spam_share": sum(symbol_spam(a.sent_text) for a in replied) / n,
+    }
+
+
+def _tcfg_of(version, tcfg):
+    """The trainer settings that rebuild ``version`` exactly (its own adapter shape), so that
+    Learner.candidate loads its weights rather than starting a fresh adapter."""
+    try:
+        saved = json.loads((Path(version.path) / "meta.json").read_text())["trainer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return tcfg
+    keep = ("full_finetune", "lora_rank", "lora_alpha", "target_modules")
+    return dataclasses.replace(tcfg, **{k: saved[k] for k in keep if k in saved})
+
+
+def reply_stats(learner, version, records, chunk: int = 8) -> dict:
+    """Two numbers about replies that were really served (blocking):
+
+    - ``served_kl``: mean per-token KL(version ‖ base) along the replies, exact over the
+      vocabulary at each position, both tempered by the reply's temperature (as the gates
+      compute it on their probes);
+    - ``base_nll``: mean per-token negative log-likelihood of the reply tokens under the
+      base model at that temperature, a fluency proxy: gibberish the base would not write
+      scores high; for v0 it is the base's own cross-entropy on its samples."""
+    import torch
+
+    from trainer.data import Example, collate, reference_logits, reply_logits, tempered
+    from trainer.loss import full_kl
+
+    learner.load()
+    base_only = version is None or version.id == 0
+    if base_only:
+        model, reference = learner.base, None
+    else:
+        model, _, reference, _ = learner.candidate(version, seed=0, tcfg=_tcfg_of(version, learner.tcfg))
+    model.eval()
+    pad = learner.tokenizer.pad_token_id
+    kl_sum = nll_sum = tokens = 0.0
+    records = [r for r in records if r is not None and r.output_ids]
+    with torch.no_grad():
+        for i in range(0, len(records), chunk):
+            batch = collate([Example(r.id, r.prompt_ids, r.output_ids, r.logprobs, r.temperature, 0.0)
+                             for r in records[i:i + chunk]], pad)
+            logp = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)   # [B, T, V]
+            base = logp if base_only else torch.log_softmax(
+                tempered(reference_logits(model, reference, batch), batch.temperature), -1)
+            kl = full_kl(logp, base)                                                     # [B, T]
+            nll = -base.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)               # [B, T]
+            kl_sum += float((kl * batch.mask).sum())
+            nll_sum += float((nll * batch.mask).sum())
+            tokens += float(batch.mask.sum())
+    if not tokens:
+        return {"served_kl": None, "base_nll": None}
+    return {"served_kl": 0.0 if base_only else kl_sum / tokens, "base_nll": nll_sum / tokens}
+

@@ -1,0 +1,109 @@
+"""The simulated people: prompts they ask the bot (all at once, one batch) and their votes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.events import Message, Reaction
+from bot.rewards import THUMBS_DOWN, THUMBS_UP
+
+from .tastes import Taste
+
+PROMPTS_FILE = Path(__file__).parent.with_name("prompts.txt")   # trainer/prompts.txt
+PLATFORM = "sim"
+CHANNEL = "sim-channel"
+
+# Display names of the simulated people who ask (the chat core puts "Name: text" in the prompt).
+NAMES = ["Alex", "Sam", "Priya", "Jordan", "Mia", "Leo", "Aisha", "Noah", "Chen", "Lucia", "Omar", "Emma",
+         "Kai", "Sofia", "Ravi", "Hannah", "Mateo", "Yuki", "Ben", "Zara", "Ivan", "Grace", "Tomás", "Nina",
+         "Femi", "Clara", "Jonas", "Lina", "Hugo", "Maya", "Eli", "Rosa"]
+
+
+def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def sample_prompts(rng: random.Random, prompts: list[str], n: int) -> list[str]:
+    """n prompts, without repeats while the pool lasts."""
+    out: list[str] = []
+    while len(out) < n:
+        out += rng.sample(prompts, min(len(prompts), n - len(out)))
+    return out
+
+
+def eval_extra_prompts(prompts: list[str], round1: list[str], n: int, seed: int) -> list[str]:
+    """n evaluation prompts besides round 1's, different from them while the pool lasts."""
+    rest = [p for p in prompts if p not in set(round1)]
+    return random.Random(seed + 2).sample(rest, min(n, len(rest)))
+
+
+@dataclass
+class Asked:
+    prompt: str
+    platform_message_id: str | None = None   # the fake id of the bot's reply message
+    sent_text: str = ""
+    reply_id: int | None = None
+
+
+def _hold_worker(policy) -> threading.Event:
+    """Park the policy's worker until released, so that requests queued meanwhile form one batch.
+
+    The worker runs callables it finds in its queue between batches (that is how versions
+    are installed); this one just waits for the event."""
+    release = threading.Event()
+    policy._jobs.put(lambda: release.wait(timeout=120))
+    return release
+
+
+async def ask_all(core, prompts: list[str], tag: str) -> list[Asked]:
+    """Send every prompt to the bot at once through ChatCore.on_message; one generation batch."""
+    asked = [Asked(p) for p in prompts]
+
+    def sender(a: Asked, pid: str):
+        async def send(text: str) -> list[str]:
+            a.sent_text, a.platform_message_id = text, pid
+            return [pid]
+        return send
+
+    async def one(i: int, a: Asked) -> None:
+        msg = Message(platform=PLATFORM, message_id=f"{tag}-m{i}", channel_id=CHANNEL, author_id=f"sim-asker-{i}",
+                      author_name=NAMES[i % len(NAMES)], text=a.prompt, mentions_bot=True)
+        a.reply_id = await core.on_message(msg, [], sender(a, f"{tag}-r{i}"))
+
+    release = _hold_worker(core.policy)
+    tasks = [asyncio.create_task(one(i, a)) for i, a in enumerate(asked)]
+    deadline = time.monotonic() + 60
+    try:
+        while (core.policy._waiting < len(tasks) and not all(t.done() for t in tasks)
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    await asyncio.gather(*tasks)
+    return asked
+
+
+async def vote_all(core, asked: list[Asked], taste: Taste, voters: int, flip: float, rng: random.Random) -> int:
+    """Each simulated voter reacts 👍/👎 on the reply's message through ChatCore.on_reaction."""
+    n = 0
+    for a in asked:
+        if a.reply_id is None:
+            continue
+        p_up = taste.p_up(a.sent_text)
+        for k in range(voters):
+            up = rng.random() < p_up
+            if rng.random() < flip:
+                up = not up
+            outcome = await core.on_reaction(Reaction(
+                platform=PLATFORM, channel_id=CHANNEL, message_id=a.platform_message_id, user_id=f"sim-voter-{k}",
+                emoji=THUMBS_UP if up else THUMBS_DOWN, added=True))
+            if outcome != "added":
+                raise RuntimeError(f"vote on reply #{a.reply_id} was not recorded: {outcome}")
+            n += 1
+    return n
+
