@@ -87,7 +87,7 @@ def test_read_optimizer_checks_the_sha256(tmp_path):
 
 @pytest.mark.asyncio
 async def test_the_next_round_continues_the_parents_optimizer(tmp_path, tiny_model_dir, store_for):
-    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1})
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1, "keep_optimizer": True})
     tcfg = trainer_config(cfg)
     store = await store_for(cfg)
     learner = Learner(cfg, tcfg, progress=False)

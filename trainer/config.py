@@ -45,9 +45,9 @@ class TrainerConfig:
                                 "summed over the vocabulary: no heavy tail, what the gate measures) or \"k3\" (the "
                                 "sampled-token estimate: less memory, but heavy-tailed once the policy has moved "
                                 "away from the one that wrote the replies).")
-    keep_optimizer: bool = setting(True, "Carry AdamW's moments from version to version (optimizer.safetensors "
-                                   "beside a LoRA adapter), so each round's steps are scaled by what earlier rounds "
-                                   "saw instead of starting as lr·sign(gradient) for every weight.")
+    keep_optimizer: bool = setting(False, "Carry AdamW's moments from version to version (optimizer.safetensors "
+                                   "beside a LoRA adapter) instead of a fresh optimizer each round. Off: in the "
+                                   "simulations it made the KL to the base grow faster (docs/LEARNING.md).")
     max_grad_norm: float = setting(1.0, "Gradients are clipped to this global norm before each step.")
     # -- what is trained ----------------------------------------------------------
     full_finetune: bool = setting(False, "Train every weight instead of a LoRA adapter (versions are then the "

@@ -3,14 +3,16 @@
     flat = export_adam(model, opt)            # {"<param>.exp_avg": …, "<param>.exp_avg_sq": …, "<param>.step": …}
     note = import_adam(model, opt, flat)      # '' when loaded; otherwise why the optimizer starts fresh
 
-Why: a round is only 8 optimizer steps on 32 noisy ratings. A fresh Adam normalises each
-coordinate by the few gradients it has seen, so its first step is lr·sign(g) for every
-weight: coordinates that carry only noise move as far as the ones that carry the taste, and
-that noise is what the KL to the base model pays for. With the second moments of earlier
-rounds, a step is about lr·(mean gradient / its spread), small where the ratings disagree.
-This is what a long training run does anyway (nanoGPT keeps the optimizer in its checkpoint);
-here the "run" is spread over versions, so the state travels with each version, and a
-rollback continues from the rolled-back version's own optimizer.
+Why one would want it: a round is only 8 optimizer steps on 32 noisy ratings. A fresh Adam
+normalises each coordinate by the few gradients it has seen, so its first step is lr·sign(g)
+for every weight, noise or not. With the moments of earlier rounds a step is about
+lr·(mean gradient / its spread). This is what one long training run does (nanoGPT keeps the
+optimizer in its checkpoint); here the "run" is spread over versions, so the state travels
+with each version, and a rollback continues from the rolled-back version's own optimizer.
+
+Measured (docs/LEARNING.md): it did not help. The momentum carried into the next round made
+the KL to the base grow faster (v5: 0.069 vs 0.059 on `?`, 0.091 vs 0.068 on `!`), so
+``trainer.keep_optimizer`` is off by default.
 
 Only LoRA versions carry it (a full fine-tune's state would be twice the model's size).
 Anything that does not fit (another rank, a missing or tampered file) means a fresh optimizer,
