@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from bot.store import ReplyRecord
+from tests.trainer_helpers import add_rated, prompt_ids, seq_logprob, tiny_config, token_logps, trainer_config
 from trainer.config import TrainerConfig
 from trainer.data import DEGENERATE_REWARD, make_examples
 from trainer.fluency import degenerate, repetition, symbol_spam
 from trainer.gates import judge
+from trainer.round import Learner, run_round
 
 SPAM = "Bella! 🌾🌼🌍⏏🌪🌪🌩🌪🌎🌬"
 LOOP = "I am ok I am ok I am ok I am ok I am ok"
@@ -74,3 +78,31 @@ def test_gate_order_and_other_failures():
     assert judge([FINE] * 8, float("nan"), t).reason == "probe KL is not finite (nan)"
     assert judge([""] * 3 + [FINE] * 5, 0.01, t).reason.startswith("38% of probe replies empty")
     assert judge([LOOP] * 8, 0.01, t).reason.startswith("repetition 0.")
+
+
+@pytest.mark.asyncio
+async def test_a_round_learns_liked_spam_as_disliked(tmp_path, tiny_model_dir, store_for):
+    """Every reply is liked; the two whose text is emoji spam are learned from as disliked, so the
+    round makes their tokens less likely and says so in its summary."""
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    tcfg = trainer_config(cfg)
+    store = await store_for(cfg)
+    learner = Learner(cfg, tcfg, progress=False)
+    learner.load()
+    base, tok = learner.base, learner.tokenizer
+    prompt = prompt_ids(tok, "hello there")
+    fine = tok.encode(" yes sure great thanks", add_special_tokens=False) + [tok.eos_token_id]
+    spam = tok.encode(" wow wow party time", add_special_tokens=False) + [tok.eos_token_id]
+    for out, text in ((fine, FINE), (fine, FINE), (spam, SPAM), (spam, SPAM)):
+        await add_rated(store, prompt, out, token_logps(base, prompt, out), 1.0, text=text)
+    before = seq_logprob(base, prompt, spam)
+
+    result = await run_round(store, cfg, tcfg, learner, use_all=True)
+
+    assert result.status == "published", result.reason
+    assert result.n_degenerate == 2
+    assert result.summary().startswith("v1 published: 4 rated replies (2 degenerate, counted as disliked), "
+                                       "mean reward +0.00")
+    assert (await store.get_version(1)).metrics["n_degenerate"] == 2
+    model, _, _, _ = learner.candidate(await store.get_version(1), seed=0)
+    assert seq_logprob(model, prompt, spam) < before - 0.1

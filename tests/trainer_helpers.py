@@ -75,9 +75,9 @@ def seq_logprob(model, prompt: list[int], output: list[int], temperature: float 
 
 async def add_rated(store: Store, prompt: list[int], output: list[int], logprobs: list[float], reward: float,
                     *, temperature: float = 0.8, version: int = 0, voter: str = "u1",
-                    created_at: float | None = None) -> int:
+                    created_at: float | None = None, text: str = "x") -> int:
     """One recorded reply with one vote (+1 → 👍, -1 → 👎)."""
-    rid = await store.add_reply("console", "c", None, version, "x", prompt, output, logprobs, temperature, 0.95,
+    rid = await store.add_reply("console", "c", None, version, text, prompt, output, logprobs, temperature, 0.95,
                                 len(output), created_at=created_at)
     await store.set_vote(rid, voter, "\N{THUMBS UP SIGN}" if reward > 0 else "\N{THUMBS DOWN SIGN}", reward)
     return rid

@@ -61,6 +61,7 @@ class RoundResult:
     status: str                    # "published" | "rejected" | "skipped" | "failed"
     version: int | None = None     # the new version (published or rejected)
     n_replies: int = 0
+    n_degenerate: int = 0          # replies counted as disliked for being spam or loops (punish_degenerate)
     mean_reward: float | None = None
     kl: float | None = None        # probe KL(candidate ‖ base), nats per token
     loss: float | None = None      # mean loss over the last epoch
@@ -73,7 +74,8 @@ class RoundResult:
 
     def summary(self) -> str:
         if self.status == "published":
-            return (f"v{self.version} published: {self.n_replies} rated replies, "
+            degenerate = f" ({self.n_degenerate} degenerate, counted as disliked)" if self.n_degenerate else ""
+            return (f"v{self.version} published: {self.n_replies} rated replies{degenerate}, "
                     f"mean reward {self.mean_reward:+.2f}, KL {self.kl:.2g}")
         if self.status == "rejected":
             return f"v{self.version} rejected: {self.reason}"
@@ -408,8 +410,8 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
                "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
                "kind": kind, "start": note, "seconds": timings, **report.as_metrics()}
     result = RoundResult("published" if report.passed else "rejected", version=version, n_replies=n,
-                         mean_reward=mean_reward, kl=report.kl, loss=stats.loss, reason=report.reason,
-                         timings=timings)
+                         n_degenerate=n_degenerate, mean_reward=mean_reward, kl=report.kl, loss=stats.loss,
+                         reason=report.reason, timings=timings)
     if not report.passed:
         metrics.pop("last_reply_id")   # last_trained_reply_id() counts published rounds only
         metrics["candidate_last_reply_id"] = max(e.reply_id for e in examples)
