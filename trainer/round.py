@@ -209,8 +209,10 @@ class Learner:
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         if opt_state:
             why = import_adam(model, opt, opt_state)
-            (log.info("optimizer: continuing the parent's AdamW state") if not why
-             else log.warning("optimizer: starting fresh (%s)", why))
+            if why:
+                log.warning("optimizer: starting fresh (%s)", why)
+            else:
+                log.info("optimizer: continuing the parent's AdamW state")
         gen = torch.Generator().manual_seed(seed)
         mean_reward = sum(e.reward for e in examples) / len(examples)
         ref_cache: dict[int, torch.Tensor] = {}    # example index → reference logprobs [t]: base is frozen
