@@ -101,3 +101,12 @@ def test_tastes():
 
 def half_liking(text: str) -> float:
     return 0.5
+
+
+def test_example_taste_calls_someone_by_name():
+    taste = simulate.parse_taste("python:trainer.simulate.example_tastes:calls_someone_by_name")
+    assert taste.liked("Sure, Mia! Here's a quick idea.")
+    assert taste.liked("That sounds fun, Tomás.")
+    assert not taste.liked("Mia: I think so too.")          # a speaker label, not talking to Mia
+    assert not taste.liked("That's the same as before.")    # "same" is not Sam
+    assert not taste.liked("")
