@@ -21,6 +21,7 @@ said in the round's ``start`` note; it never fails a round.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -86,3 +87,13 @@ def read_optimizer(folder: Path, sha256: str | None) -> tuple[dict[str, torch.Te
         return load_file(str(path)), ""
     except Exception as e:  # noqa: BLE001 - a broken file only means a fresh optimizer
         return None, f"{OPTIMIZER_FILE} cannot be read ({type(e).__name__})"
+
+
+def read_version_optimizer(folder: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The optimizer state of the version in ``folder``, checked against the sha256 its
+    meta.json records. Returns (state or None, why not)."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return None, f"meta.json unreadable ({type(e).__name__})"
+    return read_optimizer(folder, meta.get("optimizer_sha256"))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import math
 import sys
@@ -46,7 +45,7 @@ from trainer.config import TrainerConfig
 from trainer.data import Example, collate, make_examples, minibatches, reference_logits, reply_logits, tempered
 from trainer.gates import GateReport, Interrupted, run_gates
 from trainer.loss import full_kl, pg_loss, token_logprobs
-from trainer.optim_state import export_adam, import_adam, read_optimizer
+from trainer.optim_state import export_adam, import_adam, read_version_optimizer
 from trainer.publish import prune, publish, reject
 
 log = logging.getLogger(__name__)
@@ -307,16 +306,6 @@ class Learner:
 # -- the round ------------------------------------------------------------------
 
 
-def parent_optimizer(version: Version) -> tuple[dict | None, str]:
-    """The AdamW state saved with ``version`` (checked against meta.json), or (None, why not)."""
-    try:
-        meta = json.loads((Path(version.path) / "meta.json").read_text())
-    except (OSError, TypeError, ValueError) as e:
-        return None, f"meta.json unreadable ({type(e).__name__})"
-    return read_optimizer(Path(version.path), meta.get("optimizer_sha256"))
-
-
-
 async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Learner, *,
                     request_id: int | None = None, use_all: bool = False,
                     stop: threading.Event | None = None,
@@ -376,7 +365,7 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
         model, kind, reference, note = await asyncio.to_thread(learner.candidate, start, seed, tcfg)
         opt_state = None
         if kind == "lora" and tcfg.keep_optimizer and note.startswith("continuing"):
-            opt_state, why = await asyncio.to_thread(parent_optimizer, start)
+            opt_state, why = await asyncio.to_thread(read_version_optimizer, Path(start.path))
             note += ", its optimizer state" if opt_state else f", a fresh optimizer ({why})"
         log.info("candidate: %s, %s", kind, note)
         lap("model")
