@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import parse_overrides  # noqa: E402
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as python -m trainer does (see trainer/__main__.py)
 
 PROMPTS = [
@@ -39,14 +42,6 @@ PROMPTS = [
     "How can I be more productive in the morning?",
 ]
 
-
-def _value(text: str):
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
 
 
 async def run(args) -> dict:
@@ -62,7 +57,7 @@ async def run(args) -> dict:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="reactlearn-bench-"))
-    overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = parse_overrides(args.set)
     cfg = validate(build(Config, {"data_dir": str(tmp), "model": {"name": "default", "cache_dir": str(args.cache_dir)},
                                   "sampling": {"max_new_tokens": args.new_tokens}, "trainer": overrides}))
     tcfg = load_trainer_config(cfg)

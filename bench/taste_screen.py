@@ -45,18 +45,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import parse_overrides  # noqa: E402
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as python -m trainer does (see trainer/__main__.py)
 
 SIM_TRAINER = {"lr": 1e-3, "kl_coef": 0.1}            # the simulations' flags in docs/LEARNING.md
-
-
-def _value(text: str):
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
 
 
 async def sample_replies(cfg, prompts: list[str], batch: int):
@@ -147,7 +141,7 @@ async def run(args) -> dict:
     n = args.train + args.held_out
     if n > len(prompts):
         raise SystemExit(f"--train + --held-out = {n}, but trainer/prompts.txt has {len(prompts)} prompts")
-    overrides = {**SIM_TRAINER, **{k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
+    overrides = {**SIM_TRAINER, **parse_overrides(args.set)}
     model_section = {"name": args.model}
     if args.cache_dir:
         model_section["cache_dir"] = str(args.cache_dir)
