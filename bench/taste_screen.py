@@ -67,33 +67,13 @@ async def sample_replies(cfg, prompts: list[str], batch: int):
         policy.close()
 
 
-def held_out_shift(learner, model, reference, examples) -> tuple[list[float], float]:
-    """Δ log p per reply (candidate − base, summed over tokens) and the mean per-token exact KL."""
-    import torch
-
-    from trainer.data import collate, reference_logits, reply_logits, tempered
-    from trainer.loss import full_kl
-
-    pad = learner.tokenizer.pad_token_id
-    deltas, kl_sum, tokens = [], 0.0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(examples), 16):
-            b = collate(examples[i:i + 16], pad)
-            new = torch.log_softmax(tempered(reply_logits(model, b), b.temperature), -1)
-            ref = torch.log_softmax(tempered(reference_logits(model, reference, b), b.temperature), -1)
-            kl_sum += float((full_kl(new, ref) * b.mask).sum())
-            tokens += float(b.mask.sum())
-            target = b.targets.unsqueeze(-1)
-            deltas += ((new.gather(-1, target) - ref.gather(-1, target)).squeeze(-1) * b.mask).sum(1).tolist()
-    return deltas, kl_sum / max(tokens, 1.0)
-
-
 def screen(learner, tcfg, taste, train_gens, held_gens) -> dict:
     """One round on ``train_gens`` labelled by ``taste``; the shift it causes on ``held_gens``."""
     import torch
 
     from trainer.data import Example
     from trainer.loss import advantages
+    from trainer.simulate.metrics import reply_shift
 
     rewards = [1.0 if taste.liked(g.text) else -1.0 for g in train_gens]
     held_liked = [taste.liked(g.text) for g in held_gens]
@@ -111,7 +91,8 @@ def screen(learner, tcfg, taste, train_gens, held_gens) -> dict:
                           desc=taste.spec[:30])
     train_s = time.perf_counter() - t0
     held = [Example(i, g.prompt_ids, g.output_ids, g.logprobs, g.temperature, 0.0) for i, g in enumerate(held_gens)]
-    deltas, kl = held_out_shift(learner, model, reference, held)
+    shift = reply_shift(model, reference, held, learner.tokenizer.pad_token_id, chunk=16)
+    deltas, kl = shift["delta_logp"], sum(shift["kl"]) / max(sum(shift["tokens"]), 1.0)
     liked = [d for d, ok in zip(deltas, held_liked) if ok]
     disliked = [d for d, ok in zip(deltas, held_liked) if not ok]
     margin = sum(liked) / len(liked) - sum(disliked) / len(disliked)

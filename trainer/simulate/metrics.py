@@ -51,6 +51,35 @@ def _tcfg_of(version, tcfg):
     return dataclasses.replace(tcfg, **{k: saved[k] for k in keep if k in saved})
 
 
+def reply_shift(model, reference, examples, pad: int, chunk: int = 8, *, model_is_base: bool = False) -> dict:
+    """Per reply (blocking, no grad): ``tokens``; ``kl``, the exact KL(model ‖ base) summed
+    over the reply's positions (both tempered by the reply's temperature, as the gates
+    compute it); ``delta_logp``, log p_model(reply) − log p_base(reply); ``base_logp``.
+
+    ``reference`` as in :func:`trainer.data.reference_logits` (None: the model's adapter
+    off); ``model_is_base``: ``model`` is the base itself (KL and delta are then 0)."""
+    import torch
+
+    from trainer.data import collate, reference_logits, reply_logits, tempered
+    from trainer.loss import full_kl
+
+    out = {"tokens": [], "kl": [], "delta_logp": [], "base_logp": []}
+    with torch.no_grad():
+        for i in range(0, len(examples), chunk):
+            batch = collate(examples[i:i + chunk], pad)
+            logp = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)   # [B, T, V]
+            base = logp if model_is_base else torch.log_softmax(
+                tempered(reference_logits(model, reference, batch), batch.temperature), -1)
+            target = batch.targets.unsqueeze(-1)
+            new_tok = logp.gather(-1, target).squeeze(-1) * batch.mask                   # [B, T]
+            base_tok = base.gather(-1, target).squeeze(-1) * batch.mask
+            out["tokens"] += batch.mask.sum(1).tolist()
+            out["kl"] += (full_kl(logp, base) * batch.mask).sum(1).tolist()
+            out["delta_logp"] += (new_tok - base_tok).sum(1).tolist()
+            out["base_logp"] += base_tok.sum(1).tolist()
+    return out
+
+
 def reply_stats(learner, version, records, chunk: int = 8) -> dict:
     """Two numbers about replies that were really served (blocking):
 
@@ -60,10 +89,7 @@ def reply_stats(learner, version, records, chunk: int = 8) -> dict:
     - ``base_nll``: mean per-token negative log-likelihood of the reply tokens under the
       base model at that temperature, a fluency proxy: gibberish the base would not write
       scores high; for v0 it is the base's own cross-entropy on its samples."""
-    import torch
-
-    from trainer.data import Example, collate, reference_logits, reply_logits, tempered
-    from trainer.loss import full_kl
+    from trainer.data import Example
 
     learner.load()
     base_only = version is None or version.id == 0
@@ -72,22 +98,11 @@ def reply_stats(learner, version, records, chunk: int = 8) -> dict:
     else:
         model, _, reference, _ = learner.candidate(version, seed=0, tcfg=_tcfg_of(version, learner.tcfg))
     model.eval()
-    pad = learner.tokenizer.pad_token_id
-    kl_sum = nll_sum = tokens = 0.0
     records = [r for r in records if r is not None and r.output_ids]
-    with torch.no_grad():
-        for i in range(0, len(records), chunk):
-            batch = collate([Example(r.id, r.prompt_ids, r.output_ids, r.logprobs, r.temperature, 0.0)
-                             for r in records[i:i + chunk]], pad)
-            logp = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)   # [B, T, V]
-            base = logp if base_only else torch.log_softmax(
-                tempered(reference_logits(model, reference, batch), batch.temperature), -1)
-            kl = full_kl(logp, base)                                                     # [B, T]
-            nll = -base.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)               # [B, T]
-            kl_sum += float((kl * batch.mask).sum())
-            nll_sum += float((nll * batch.mask).sum())
-            tokens += float(batch.mask.sum())
+    examples = [Example(r.id, r.prompt_ids, r.output_ids, r.logprobs, r.temperature, 0.0) for r in records]
+    shift = reply_shift(model, reference, examples, learner.tokenizer.pad_token_id, chunk, model_is_base=base_only)
+    tokens = sum(shift["tokens"])
     if not tokens:
         return {"served_kl": None, "base_nll": None}
-    return {"served_kl": 0.0 if base_only else kl_sum / tokens, "base_nll": nll_sum / tokens}
+    return {"served_kl": 0.0 if base_only else sum(shift["kl"]) / tokens, "base_nll": -sum(shift["base_logp"]) / tokens}
 
