@@ -66,7 +66,7 @@ async def test_sigterm_mid_round_publishes_nothing_and_next_start_serves_the_req
 
         async def beat_moved():   # heartbeats go on while the round computes
             return float(await store.get_state("trainer_heartbeat")) > beat
-        await wait_for(beat_moved, timeout=10, what="a heartbeat during the round")
+        await wait_for(beat_moved, what="a heartbeat during the round")   # 60 s: a loaded CI box is slow, not broken
         assert (await store.train_requests())[0]["status"] == "running"
         proc.send_signal(signal.SIGTERM)
         assert await exit_code(proc) == 0, log.read_text()
