@@ -51,7 +51,8 @@ async def run(args) -> dict:
     from bot.policy import Policy, Turn
     from bot.store import Store
     from trainer.config import load_trainer_config
-    from trainer.round import Learner, run_round
+    from trainer.learner import Learner
+    from trainer.round import run_round
 
     if args.threads:
         torch.set_num_threads(args.threads)

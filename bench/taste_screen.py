@@ -109,7 +109,7 @@ async def run(args) -> dict:
 
     from bot.config import Config, build, validate
     from trainer.config import load_trainer_config
-    from trainer.round import Learner
+    from trainer.learner import Learner
     from trainer.simulate.people import load_prompts
     from trainer.simulate.tastes import parse_taste
 

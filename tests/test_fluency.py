@@ -12,7 +12,8 @@ from trainer.config import TrainerConfig
 from trainer.data import DEGENERATE_REWARD, make_examples
 from trainer.fluency import degenerate, repetition, symbol_spam
 from trainer.gates import judge
-from trainer.round import Learner, run_round
+from trainer.learner import Learner
+from trainer.round import run_round
 
 SPAM = "Bella! 🌾🌼🌍⏏🌪🌪🌩🌪🌎🌬"
 LOOP = "I am ok I am ok I am ok I am ok I am ok"

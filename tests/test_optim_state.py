@@ -15,7 +15,8 @@ from bot.models import sha256_file
 from tests.trainer_helpers import tiny_config, trainer_config
 from tests.test_trainer_learning import seed_preferences
 from trainer.optim_state import OPTIMIZER_FILE, export_adam, import_adam, read_optimizer
-from trainer.round import Learner, run_round
+from trainer.learner import Learner
+from trainer.round import run_round
 
 
 def _model_and_opt(seed: int = 0):

@@ -18,7 +18,8 @@ from tests.trainer_helpers import (add_rated, prompt_ids, seq_logprob, tiny_conf
 from trainer.data import collate, make_examples, reply_logits, tempered
 from trainer.gates import PROBES, probe_kl, render_prompt
 from trainer.loss import token_logprobs
-from trainer.round import Learner, run_round
+from trainer.learner import Learner
+from trainer.round import run_round
 
 GOOD = " yes sure great thanks"
 BAD = " no bad bye"

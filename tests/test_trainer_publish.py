@@ -12,7 +12,8 @@ from bot.policy import Policy
 from tests.trainer_helpers import (add_rated, prompt_ids, tiny_config,
                                    token_logps, trainer_config)
 from trainer.publish import clean_stale, prune, publish, stage, version_dirname
-from trainer.round import Learner, run_round
+from trainer.learner import Learner
+from trainer.round import run_round
 
 
 async def seed(store, learner, n: int = 4):

@@ -81,7 +81,7 @@ def acquire_lock(data_dir: Path):
 
 class Trainer:
     def __init__(self, cfg, tcfg: TrainerConfig):
-        from trainer.round import Learner
+        from trainer.learner import Learner
 
         self.cfg, self.tcfg = cfg, tcfg
         self.stop = threading.Event()          # checked by the round's worker thread every step

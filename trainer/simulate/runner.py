@@ -28,7 +28,8 @@ async def run(args) -> dict:
     from bot.chat import ChatCore
     from bot.policy import Policy
     from bot.store import Store
-    from trainer.round import Learner, run_round
+    from trainer.learner import Learner
+    from trainer.round import run_round
 
     check_args(args)
     taste = parse_taste(args.taste)
