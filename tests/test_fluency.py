@@ -76,6 +76,9 @@ def test_gate_rejects_emoji_spam_over_the_share():
 def test_gate_order_and_other_failures():
     t = TrainerConfig(max_kl=0.5, max_spam_share=0.125, max_repetition=0.5, max_empty_share=0.25)
     assert judge([FINE] * 8, 0.9, t).reason == "KL 0.9 > 0.5"
+    near = TrainerConfig(max_kl=0.1)     # just over the bound: enough digits to show it (was "KL 0.1 > 0.1")
+    assert judge([FINE] * 8, 0.10024, near).reason == "KL 0.1002 > 0.1"
+    assert judge([FINE] * 8, 0.1071, near).reason == "KL 0.11 > 0.1"
     assert judge([FINE] * 8, float("nan"), t).reason == "probe KL is not finite (nan)"
     assert judge([""] * 3 + [FINE] * 5, 0.01, t).reason.startswith("38% of probe replies empty")
     assert judge([LOOP] * 8, 0.01, t).reason.startswith("repetition 0.")

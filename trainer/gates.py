@@ -153,6 +153,16 @@ def run_gates(candidate, reference, tokenizer, *, system_prompt: str, temperatur
     return judge(texts, kl, tcfg)
 
 
+def _above(x: float, bound: float) -> str:
+    """``x`` with the fewest significant digits (2 or more) that still show it is over ``bound``:
+    0.9 → "0.9", 0.10024 over 0.1 → "0.1002" (not "0.1 > 0.1")."""
+    for digits in (2, 3, 4, 6):
+        text = f"{x:.{digits}g}"
+        if float(text) > bound:
+            return text
+    return repr(x)
+
+
 def judge(texts: list[str], kl: float, tcfg) -> GateReport:
     """The verdict on the candidate's probe replies ``texts`` and its probe KL, first failure first."""
     rep = sum(repetition(t) for t in texts) / len(texts)
@@ -162,7 +172,7 @@ def judge(texts: list[str], kl: float, tcfg) -> GateReport:
     if not math.isfinite(kl):
         report.passed, report.reason = False, f"probe KL is not finite ({kl})"
     elif kl > tcfg.max_kl:
-        report.passed, report.reason = False, f"KL {kl:.2g} > {tcfg.max_kl:g}"
+        report.passed, report.reason = False, f"KL {_above(kl, tcfg.max_kl)} > {tcfg.max_kl:g}"
     elif empty > tcfg.max_empty_share:
         report.passed, report.reason = False, f"{empty:.0%} of probe replies empty > {tcfg.max_empty_share:.0%}"
     elif spam > tcfg.max_spam_share:
