@@ -34,6 +34,7 @@ from trainer.optim_state import export_adam, import_adam
 
 log = logging.getLogger(__name__)
 
+
 class NonFinite(Exception):
     """A loss, gradient or weight became NaN/inf; the round is abandoned."""
 
@@ -41,7 +42,7 @@ class NonFinite(Exception):
 @dataclass
 class TrainStats:
     loss: float
-    kl: float                      # k3 estimate on the training tokens (the penalty's own number)
+    kl: float                      # KL to the reference along the training replies (the penalty's own number)
     pg: float
     clip_frac: float
     first_ratio: float             # mean π_θ/π_behaviour at the first step: ≈1 for fresh replies
