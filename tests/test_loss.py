@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from trainer.loss import LossParts, advantages, full_kl, pg_loss, token_logprobs
 
@@ -58,12 +57,12 @@ def test_clipping_values_both_sides():
     new, behaviour, ref, adv, mask = clip_case()
     out = pg_loss(new, behaviour, ref, adv, mask, clip_eps=0.2, kl_coef=0.05)
     assert isinstance(out, LossParts)
-    assert_close(out.pg, scalar(0.1))
-    assert_close(out.kl, scalar(0.0))
+    torch.testing.assert_close(out.pg, scalar(0.1))
+    torch.testing.assert_close(out.kl, scalar(0.0))
     # kl is 0, so loss == pg regardless of kl_coef
-    assert_close(out.loss, scalar(0.1))
-    assert_close(out.clip_frac, scalar(1.0 / 3.0))
-    assert_close(out.ratio_mean, scalar(1.0))
+    torch.testing.assert_close(out.loss, scalar(0.1))
+    torch.testing.assert_close(out.clip_frac, scalar(1.0 / 3.0))
+    torch.testing.assert_close(out.ratio_mean, scalar(1.0))
     for part in (out.loss, out.pg, out.kl, out.clip_frac, out.ratio_mean):
         assert part.dim() == 0
 
@@ -76,8 +75,8 @@ def test_only_upper_clip_for_positive_advantage():
     behaviour = torch.zeros(1, 2)
     new = torch.tensor([[LN1_5, LN0_5]], requires_grad=True)
     out = pg_loss(new, behaviour, new.detach(), torch.tensor([1.0]), torch.ones(1, 2), kl_coef=0.0)
-    assert_close(out.loss, scalar(-0.85))
-    assert_close(out.clip_frac, scalar(0.5))
+    torch.testing.assert_close(out.loss, scalar(-0.85))
+    torch.testing.assert_close(out.clip_frac, scalar(0.5))
 
 
 def test_only_lower_clip_for_negative_advantage():
@@ -88,8 +87,8 @@ def test_only_lower_clip_for_negative_advantage():
     behaviour = torch.zeros(1, 2)
     new = torch.tensor([[LN1_5, LN0_5]], requires_grad=True)
     out = pg_loss(new, behaviour, new.detach(), torch.tensor([-2.0]), torch.ones(1, 2), kl_coef=0.0)
-    assert_close(out.loss, scalar(2.3))
-    assert_close(out.clip_frac, scalar(0.5))
+    torch.testing.assert_close(out.loss, scalar(2.3))
+    torch.testing.assert_close(out.clip_frac, scalar(0.5))
 
 
 def test_inside_clip_range_is_plain_policy_gradient():
@@ -97,9 +96,9 @@ def test_inside_clip_range_is_plain_policy_gradient():
     behaviour = torch.zeros(1, 1)
     new = torch.tensor([[math.log(1.1)]], requires_grad=True)
     out = pg_loss(new, behaviour, new.detach(), torch.tensor([3.0]), torch.ones(1, 1), kl_coef=0.0)
-    assert_close(out.loss, scalar(-3.3))
-    assert_close(out.clip_frac, scalar(0.0))
-    assert_close(out.ratio_mean, scalar(1.1))
+    torch.testing.assert_close(out.loss, scalar(-3.3))
+    torch.testing.assert_close(out.clip_frac, scalar(0.0))
+    torch.testing.assert_close(out.ratio_mean, scalar(1.1))
 
 
 def test_gradient_zero_for_clipped_tokens():
@@ -111,7 +110,7 @@ def test_gradient_zero_for_clipped_tokens():
     out = pg_loss(new, behaviour, ref, adv, mask, clip_eps=0.2, kl_coef=0.0)
     out.loss.backward()
     expected = torch.tensor([[0.0, -0.5 / 6, -1.0 / 6], [1.5 / 6, 0.0, 1.0 / 6]])
-    assert_close(new.grad, expected)
+    torch.testing.assert_close(new.grad, expected)
     assert new.grad[0, 0].item() == 0.0
     assert new.grad[1, 1].item() == 0.0
 
@@ -148,9 +147,9 @@ def test_k3_known_values():
     behaviour = new.detach().clone()
     ref = new.detach() + torch.tensor([[LN0_5, LN2, 0.0]])
     out = pg_loss(new, behaviour, ref, torch.tensor([0.0]), torch.ones(1, 3), kl_coef=0.1)
-    assert_close(out.pg, scalar(0.0))
-    assert_close(out.kl, scalar(1.0 / 6.0))
-    assert_close(out.loss, scalar(0.1 / 6.0))
+    torch.testing.assert_close(out.pg, scalar(0.0))
+    torch.testing.assert_close(out.kl, scalar(1.0 / 6.0))
+    torch.testing.assert_close(out.loss, scalar(0.1 / 6.0))
 
     # Single token check of the r = 0.5 value by itself.
     one = pg_loss(new[:, :1], behaviour[:, :1], ref[:, :1], torch.tensor([0.0]),
@@ -161,7 +160,7 @@ def test_k3_known_values():
     # Gradient: d k3 / d new = d/d new [exp(ref-new) - 1 - (ref-new)] = 1 - r
     #   r = 0.5 -> 0.5 ; r = 2 -> -1 ; r = 1 -> 0 ; times kl_coef / N = 0.1 / 3
     out.loss.backward()
-    assert_close(new.grad, torch.tensor([[0.5, -1.0, 0.0]]) * (0.1 / 3))
+    torch.testing.assert_close(new.grad, torch.tensor([[0.5, -1.0, 0.0]]) * (0.1 / 3))
 
 
 def test_kl_added_to_pg():
@@ -197,17 +196,17 @@ def test_masked_tokens_contribute_nothing():
     adv = torch.tensor([1.0, -1.0])
 
     out = pg_loss(new, behaviour, ref, adv, mask, kl_coef=0.05)
-    assert_close(out.loss, scalar(0.0))
-    assert_close(out.pg, scalar(0.0))
-    assert_close(out.kl, scalar(0.0))
-    assert_close(out.clip_frac, scalar(0.0))
-    assert_close(out.ratio_mean, scalar(1.0))
+    torch.testing.assert_close(out.loss, scalar(0.0))
+    torch.testing.assert_close(out.pg, scalar(0.0))
+    torch.testing.assert_close(out.kl, scalar(0.0))
+    torch.testing.assert_close(out.clip_frac, scalar(0.0))
+    torch.testing.assert_close(out.ratio_mean, scalar(1.0))
 
     out.loss.backward()
     # grad = -rho*A/N on real tokens: [-1/3, -0.5/3] and [+1.5/3]; exactly 0 on padding
     expected = torch.tensor([[-1.0 / 3, -0.5 / 3, 0.0, 0.0], [1.5 / 3, 0.0, 0.0, 0.0]])
     assert torch.isfinite(new.grad).all()
-    assert_close(new.grad, expected)
+    torch.testing.assert_close(new.grad, expected)
 
 
 def test_padding_does_not_change_loss():
@@ -222,9 +221,9 @@ def test_padding_does_not_change_loss():
     long = pg_loss(torch.cat([new, pad], 1), torch.cat([behaviour, -pad], 1),
                    torch.cat([ref, pad * 2], 1), adv,
                    torch.tensor([[True, True, False, False]]))
-    assert_close(long.loss, short.loss)
-    assert_close(long.kl, short.kl)
-    assert_close(long.clip_frac, short.clip_frac)
+    torch.testing.assert_close(long.loss, short.loss)
+    torch.testing.assert_close(long.kl, short.kl)
+    torch.testing.assert_close(long.clip_frac, short.clip_frac)
 
 
 def test_all_masked_gives_zero_not_nan():
@@ -241,9 +240,9 @@ def test_all_masked_gives_zero_not_nan():
 def test_advantages_mean_baseline():
     # rewards [1, 0, -1, 2]: mean = 2/4 = 0.5 -> A = [0.5, -0.5, -1.5, 1.5]
     a = advantages(torch.tensor([1.0, 0.0, -1.0, 2.0]), "mean")
-    assert_close(a, torch.tensor([0.5, -0.5, -1.5, 1.5]))
+    torch.testing.assert_close(a, torch.tensor([0.5, -0.5, -1.5, 1.5]))
     # default is "mean"
-    assert_close(advantages(torch.tensor([1.0, 0.0, -1.0, 2.0])), a)
+    torch.testing.assert_close(advantages(torch.tensor([1.0, 0.0, -1.0, 2.0])), a)
 
 
 def test_advantages_mean_std_baseline():
@@ -252,12 +251,12 @@ def test_advantages_mean_std_baseline():
     # A = centred / (1.1180340 + 1e-6) ~= [0.4472, -0.4472, -1.3416, 1.3416]
     a = advantages(torch.tensor([1.0, 0.0, -1.0, 2.0]), "mean_std")
     d = math.sqrt(1.25) + 1e-6
-    assert_close(a, torch.tensor([0.5 / d, -0.5 / d, -1.5 / d, 1.5 / d]))
+    torch.testing.assert_close(a, torch.tensor([0.5 / d, -0.5 / d, -1.5 / d, 1.5 / d]))
     assert a[3].item() == pytest.approx(1.3416, abs=1e-4)
 
 
 def test_advantages_none():
-    assert_close(advantages(torch.tensor([1.0, -2.0, 0.5]), "none"), torch.tensor([1.0, -2.0, 0.5]))
+    torch.testing.assert_close(advantages(torch.tensor([1.0, -2.0, 0.5]), "none"), torch.tensor([1.0, -2.0, 0.5]))
 
 
 def test_advantages_single_reply_no_nan():
@@ -265,13 +264,13 @@ def test_advantages_single_reply_no_nan():
     for baseline in ("mean", "mean_std"):
         a = advantages(torch.tensor([3.0]), baseline)
         assert not torch.isnan(a).any()
-        assert_close(a, torch.tensor([0.0]))
-    assert_close(advantages(torch.tensor([3.0]), "none"), torch.tensor([3.0]))
+        torch.testing.assert_close(a, torch.tensor([0.0]))
+    torch.testing.assert_close(advantages(torch.tensor([3.0]), "none"), torch.tensor([3.0]))
 
 
 def test_advantages_identical_rewards_no_nan():
     a = advantages(torch.tensor([2.0, 2.0, 2.0]), "mean_std")
-    assert_close(a, torch.zeros(3))
+    torch.testing.assert_close(a, torch.zeros(3))
 
 
 def test_advantages_bad_input():
@@ -327,11 +326,11 @@ def test_token_logprobs_values():
     tokens = torch.tensor([[2, 0]])  # [1, 2]
     lp = token_logprobs(logits, tokens, temperature=1.0)
     assert lp.shape == (1, 2)
-    assert_close(lp, torch.tensor([[math.log(0.5), math.log(0.25)]]))
+    torch.testing.assert_close(lp, torch.tensor([[math.log(0.5), math.log(0.25)]]))
 
     lp2 = token_logprobs(logits, tokens, temperature=2.0)
     s2 = math.sqrt(2.0)
-    assert_close(lp2, torch.tensor([[math.log(s2 / (2 + s2)), math.log(1 / (2 + s2))]]))
+    torch.testing.assert_close(lp2, torch.tensor([[math.log(s2 / (2 + s2)), math.log(1 / (2 + s2))]]))
     assert lp2[0, 0].item() == pytest.approx(math.log(0.41421356), abs=1e-6)
 
 
@@ -379,8 +378,8 @@ def test_pg_loss_uses_the_given_kl_and_masks_padding():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     out = pg_loss(new, new.detach(), new.detach() + 5.0, torch.tensor([0.0]), mask, kl_coef=0.5,
                   kl_tokens=kl_tokens)
-    assert_close(out.kl, scalar(0.45))                    # k3 of ref = new + 5 would be ~143
-    assert_close(out.loss, scalar(0.5 * 0.45))
+    torch.testing.assert_close(out.kl, scalar(0.45))                    # k3 of ref = new + 5 would be ~143
+    torch.testing.assert_close(out.loss, scalar(0.5 * 0.45))
     out.loss.backward()
     assert kl_tokens.grad[0].tolist() == pytest.approx([0.25, 0.25, 0.0])
     with pytest.raises(ValueError, match="kl_tokens shape"):
