@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -122,6 +123,14 @@ MIGRATIONS: list[str] = [
 ]
 
 
+# The reward rule in SQL, said once (bot/rewards.py says it in Python; tests/test_rewards.py
+# keeps the two equal): a user's vote on a reply is the sum of their emoji values clipped to
+# [-1, 1]; a reply's reward is the mean over its voters. Both read the replies row as ``r``.
+REWARD_SQL = ("(SELECT AVG(uv) FROM (SELECT MAX(-1.0, MIN(1.0, SUM(value))) AS uv FROM votes v"
+              " WHERE v.reply_id = r.id GROUP BY user_id))")
+RATED_SQL = "EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)"
+
+
 @dataclass
 class ReplyRecord:
     """One generated reply with everything the trainer needs to learn from it."""
@@ -161,25 +170,21 @@ class Store:
         self.path = path
 
     @classmethod
-    async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout_ms: int = 10_000) -> "Store":
+    async def open(cls, path: Path | str, *, busy_timeout_ms: int = 10_000) -> "Store":
         path = Path(path)
-        if readonly:
-            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
         db.row_factory = aiosqlite.Row
-        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        await db.execute("PRAGMA foreign_keys = ON")
         store = cls(db, path)
-        if not readonly:
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
-            try:
-                await store.migrate()
-            except BaseException:
-                await db.close()
-                raise
+            await store.migrate()
+        except BaseException:
+            await db.close()
+            raise
         return store
 
     async def close(self) -> None:
@@ -200,15 +205,10 @@ class Store:
                                f"({len(MIGRATIONS)}). Upgrade reactlearn.")
         for number in range(current + 1, len(MIGRATIONS) + 1):
             # executescript commits first, so run each statement inside our own transaction
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self.transaction():
                 for stmt in _statements(MIGRATIONS[number - 1]):
                     await self.db.execute(stmt)
                 await self.db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
         return len(MIGRATIONS)
 
     async def tables(self) -> dict[str, list[str]]:
@@ -222,6 +222,18 @@ class Store:
         return out
 
     # -- helpers --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self):
+        """Several statements as one write transaction: all of them, or none on any error.
+        IMMEDIATE takes the write lock at the start, so two processes never deadlock."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
 
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> aiosqlite.Row | None:
         async with self.db.execute(sql, tuple(args)) as cur:
@@ -280,8 +292,7 @@ class Store:
 
     async def _replies(self, where: str, args: Iterable[Any], order: str = "ORDER BY r.id") -> list[ReplyRecord]:
         rows = await self._all(
-            "SELECT r.*, (SELECT AVG(uv) FROM (SELECT MAX(-1.0, MIN(1.0, SUM(value))) AS uv FROM votes v"
-            "   WHERE v.reply_id = r.id GROUP BY user_id)) AS reward,"
+            f"SELECT r.*, {REWARD_SQL} AS reward,"
             " (SELECT COUNT(DISTINCT user_id) FROM votes v WHERE v.reply_id = r.id) AS n_voters"
             f" FROM replies r {where} {order}", args)
         return [ReplyRecord(id=r["id"], platform=r["platform"], channel_id=r["channel_id"], version=r["version"],
@@ -292,15 +303,13 @@ class Store:
 
     async def rated_replies(self, settled_before: float, since_id: int = 0, limit: int = 10_000) -> list[ReplyRecord]:
         """Replies with at least one vote, created before ``settled_before``, newest ``limit`` of them."""
-        rows = await self._replies(
-            "WHERE r.created_at <= ? AND r.id > ? AND EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)",
-            (settled_before, since_id, limit), order="ORDER BY r.id DESC LIMIT ?")
+        rows = await self._replies(f"WHERE r.created_at <= ? AND r.id > ? AND {RATED_SQL}",
+                                   (settled_before, since_id, limit), order="ORDER BY r.id DESC LIMIT ?")
         return rows[::-1]
 
     async def count_rated_since(self, after_reply_id: int, settled_before: float) -> int:
-        row = await self._one(
-            "SELECT COUNT(*) AS n FROM replies r WHERE r.id > ? AND r.created_at <= ?"
-            " AND EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)", (after_reply_id, settled_before))
+        row = await self._one(f"SELECT COUNT(*) AS n FROM replies r WHERE r.id > ? AND r.created_at <= ? AND {RATED_SQL}",
+                              (after_reply_id, settled_before))
         return row["n"]
 
     # -- votes ----------------------------------------------------------------
@@ -337,18 +346,13 @@ class Store:
     async def add_version(self, version: int, parent: int | None, path: str | None, sha256: str | None,
                           status: str, metrics: dict, reason: str = "", activate: bool = False) -> None:
         """Register a version and (optionally) make it active, in one transaction."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self.transaction():
             await self.db.execute(
                 "INSERT INTO model_versions (id, parent, path, sha256, status, reason, metrics, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (version, parent, path, sha256, status, reason, json.dumps(metrics), time.time()))
             if activate:
                 await self.db.execute("UPDATE state SET value = ? WHERE key = 'active_version'", (str(version),))
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
 
     async def activate(self, version: int) -> Version:
         """Make a published version active. Raises ValueError for unknown or rejected versions."""
@@ -364,9 +368,7 @@ class Store:
         """version → (rated replies, like rate = share of rated replies with reward > 0)."""
         rows = await self._all(
             "SELECT version, COUNT(*) AS n, AVG(CASE WHEN reward > 0 THEN 1.0 ELSE 0.0 END) AS like_rate FROM ("
-            "  SELECT r.version, (SELECT AVG(uv) FROM (SELECT MAX(-1.0, MIN(1.0, SUM(value))) AS uv FROM votes v"
-            "     WHERE v.reply_id = r.id GROUP BY user_id)) AS reward FROM replies r"
-            "  WHERE EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)) GROUP BY version")
+            f"  SELECT r.version, {REWARD_SQL} AS reward FROM replies r WHERE {RATED_SQL}) GROUP BY version")
         return {r["version"]: (r["n"], r["like_rate"]) for r in rows}
 
     # -- train requests and rounds ------------------------------------------
@@ -429,7 +431,7 @@ class Store:
         row = await self._one(
             "SELECT (SELECT COUNT(*) FROM messages) AS messages, (SELECT COUNT(*) FROM replies) AS replies,"
             " (SELECT COUNT(*) FROM votes) AS votes,"
-            " (SELECT COUNT(*) FROM replies r WHERE EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)) AS rated")
+            f" (SELECT COUNT(*) FROM replies r WHERE {RATED_SQL}) AS rated")
         return dict(row)
 
     # -- deletion -------------------------------------------------------------
@@ -437,8 +439,7 @@ class Store:
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         """Delete a user's messages, the replies that answered them (their prompts hold the
         user's words), and the user's votes. Returns how many rows of each went."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self.transaction():
             ids = [r["id"] for r in await self._all(
                 "SELECT id FROM messages WHERE platform = ? AND author_id = ?", (platform, user_id))]
             marks = ",".join("?" * len(ids))
@@ -453,10 +454,6 @@ class Store:
             async with self.db.execute("DELETE FROM messages WHERE platform = ? AND author_id = ?",
                                        (platform, user_id)) as cur:
                 messages = cur.rowcount
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return {"messages": messages, "replies": replies, "votes": votes}
 
 
