@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bot import process  # noqa: E402
 
 PROMPT = "Hello, who are you?"
 
@@ -40,7 +41,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "load_time.json")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    process.setup_logging("INFO")
 
     t0 = time.perf_counter()
     import torch
@@ -48,8 +49,7 @@ def main() -> int:
     from bot import models
 
     import_s = time.perf_counter() - t0
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    process.set_torch_threads(args.threads)
 
     tmp_cache = Path(tempfile.mkdtemp(prefix="reactlearn-bench-")) if args.fresh else None
     cache_dir = tmp_cache or args.cache_dir

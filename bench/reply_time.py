@@ -9,24 +9,26 @@ tokens/s to bench/out/reply_time.json. Numbers depend on the machine and its loa
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bot import process  # noqa: E402
+
+process.quiet_threads()      # before torch loads (bot/process.py says why)
+
 from bot.config import load_config  # noqa: E402
-from bot.policy import Policy, Turn  # noqa: E402
+from bot.policy import Policy  # noqa: E402
+from bot.policy_types import Turn  # noqa: E402
 
 PROMPT = "Hello, who are you?"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import platform
 import random
@@ -30,8 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import parse_overrides  # noqa: E402
+from bot import process  # noqa: E402
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as python -m trainer does (see trainer/__main__.py)
+process.quiet_threads()      # before torch loads (bot/process.py says why)
 
 PROMPTS = [
     "Hey, how is your day going so far?", "Any tips for waking up less groggy?", "What should I cook tonight?",
@@ -48,14 +48,14 @@ async def run(args) -> dict:
     import torch
 
     from bot.config import Config, build, validate
-    from bot.policy import Policy, Turn
+    from bot.policy import Policy
+    from bot.policy_types import Turn
     from bot.store import Store
     from trainer.config import load_trainer_config
     from trainer.learner import Learner
     from trainer.round import run_round
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    process.set_torch_threads(args.threads)
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="reactlearn-bench-"))
     overrides = parse_overrides(args.set)
@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override [trainer] settings")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "round_time.json")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.setup_logging("INFO")
     data = asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")

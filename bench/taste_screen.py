@@ -47,15 +47,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import parse_overrides  # noqa: E402
+from bot import process  # noqa: E402
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as python -m trainer does (see trainer/__main__.py)
+process.quiet_threads()      # before torch loads (bot/process.py says why)
 
 SIM_TRAINER = {"lr": 1e-3, "kl_coef": 0.1}            # the simulations' flags in docs/LEARNING.md
 
 
 async def sample_replies(cfg, prompts: list[str], batch: int):
     """The bot's own policy answers each prompt once (seeded); returns Generations."""
-    from bot.policy import Policy, Turn
+    from bot.policy import Policy
+    from bot.policy_types import Turn
 
     policy = Policy.from_config(cfg)
     try:
@@ -85,7 +87,8 @@ def screen(learner, tcfg, taste, train_gens, held_gens) -> dict:
     adv = advantages(torch.tensor(rewards), tcfg.baseline).tolist()
     examples = [Example(i, g.prompt_ids, g.output_ids, g.logprobs, g.temperature, r, a)
                 for i, (g, r, a) in enumerate(zip(train_gens, rewards, adv))]
-    model, _, reference, _ = learner.candidate(None, tcfg.seed, tcfg)
+    cand = learner.candidate(None, tcfg.seed, tcfg)
+    model, reference = cand.model, cand.reference
     t0 = time.perf_counter()
     stats = learner.train(model, reference, examples, seed=tcfg.seed, stop=threading.Event(), tcfg=tcfg,
                           desc=taste.spec[:30])
@@ -114,8 +117,7 @@ async def run(args) -> dict:
     from trainer.simulate.tastes import parse_taste
 
     tastes = [parse_taste(t) for t in args.taste]       # a bad taste fails before any model loads
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    process.set_torch_threads(args.threads)
     torch.manual_seed(args.seed)
     prompts = load_prompts()
     random.Random(args.seed).shuffle(prompts)

@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Two torch processes (bot and trainer) share the cores: with OpenMP's default busy-wait
-# policy they slow each other down several times over. Must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from bot import process
+
+process.quiet_threads()      # before torch loads (bot/process.py says why)
 
 from bot.config import Config, ConfigError, load_config  # noqa: E402
 
@@ -31,24 +31,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
     p.add_argument("--with-trainer", action="store_true", help="start the trainer process beside the bot")
     return p.parse_args(argv)
-
-
-def setup_logging(cfg: Config, console: bool) -> None:
-    """Console mode logs to data_dir/bot.log (the terminal is the chat); otherwise to stderr."""
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    level = getattr(logging, cfg.log_level.upper())
-    handlers: list[logging.Handler] = []
-    if console:
-        Path(cfg.data_dir).expanduser().mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(cfg.data_dir).expanduser() / "bot.log", encoding="utf-8"))
-        warn = logging.StreamHandler(sys.stderr)
-        warn.setLevel(logging.WARNING)
-        handlers.append(warn)
-    else:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
-    for noisy in ("discord.gateway", "httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def summary(cfg: Config) -> str:
@@ -111,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return process.fail(f"config error: {e}")
     if args.check_config:
         print(summary(cfg))
         return 0
-    setup_logging(cfg, console=not cfg.platforms)
+    # The console playground logs to data_dir/bot.log: the terminal is the chat.
+    console_log = Path(cfg.data_dir).expanduser() / "bot.log"
+    process.setup_logging(cfg.log_level, log_file=None if cfg.platforms else console_log)
     log.info(summary(cfg))
     trainer = None
     if args.with_trainer:

@@ -391,18 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     """python -m bot.models [--config PATH]: prepare the configured base model once."""
     import argparse
 
+    from bot import process
     from bot.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog="python -m bot.models", description="fetch/convert the base model")
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.setup_logging("INFO")
     try:
         cfg = load_config(args.config)
         print(resolve_model(cfg.model.name, Path(cfg.model.cache_dir).expanduser()))
     except (ConfigError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return process.fail(f"error: {e}")
     return 0
 
 

@@ -25,18 +25,15 @@ The trainer imports nothing from bot.adapters, so it never loads a chat SDK.
 
 from __future__ import annotations
 
-import os
+from bot import process
 
-# Before torch is imported: OpenMP worker threads sleep instead of spinning between
-# parallel regions. The trainer shares a small box with the bot; with spinning threads,
-# two torch processes on 2 cores slowed each other down ~10-30x in our measurements
-# (bench/round_time.py); sleeping threads cost almost nothing when the box is idle.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+process.quiet_threads()      # before torch loads (bot/process.py says why)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import fcntl  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -224,21 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         tcfg = load_trainer_config(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return process.fail(f"config error: {e}")
     if args.check_config:
         print(f"config OK: data_dir {cfg.data_dir}, model {cfg.model.name}, trainer "
               f"{'full fine-tune' if tcfg.full_finetune else f'LoRA r={tcfg.lora_rank}'}, lr {tcfg.lr:g}, "
               f"epochs {tcfg.epochs}, round every {tcfg.interval_seconds:g}s given {tcfg.min_new_ratings} new ratings")
         return 0
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.setup_logging(cfg.log_level)
     data_dir = Path(cfg.data_dir).expanduser()
     try:
         lock = acquire_lock(data_dir)
     except AlreadyRunning as e:
-        print(str(e), file=sys.stderr)
-        return 2
+        return process.fail(str(e))
     try:
         return asyncio.run(Trainer(cfg, tcfg).run(once=args.once))
     finally:

@@ -38,11 +38,9 @@ few before/after replies.
 
 from __future__ import annotations
 
-import os
+from bot import process
 
-# Two torch processes on a small machine: OpenMP's default busy-wait makes them 3-30x slower
-# (see trainer/__main__.py). Set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+process.quiet_threads()      # before torch loads (bot/process.py says why)
 
 # One job per module: tastes (the hidden preference), cli (flags and configs), people (prompts,
 # asking, voting), metrics (what replies measure), report (printing, JSON, plot), runner (run and
