@@ -19,8 +19,6 @@ ratio compares like with like.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import queue
 import threading
@@ -30,40 +28,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 from transformers import GenerationConfig
+
+from bot import process, versions
+from bot.policy_types import Busy, Generation, Turn, VersionError
 
 
 log = logging.getLogger(__name__)
 MAX_LOADED_VERSIONS = 3   # active + previous + one being swapped in
-
-
-class Busy(Exception):
-    """The generation queue is full; tell the person to try again shortly."""
-
-
-class VersionError(Exception):
-    """A version's files are missing, corrupt or do not match the registry."""
-
-
-@dataclass
-class Turn:
-    role: str          # "user" or "assistant"
-    text: str
-    name: str = ""     # shown before user text in group chats
-
-
-@dataclass
-class Generation:
-    text: str
-    prompt_ids: list[int]
-    output_ids: list[int]          # sampled tokens, the end-of-turn token included when sampled
-    logprobs: list[float]          # one per output id
-    version: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seconds: float = 0.0
 
 
 @dataclass
@@ -100,8 +72,7 @@ class Policy:
         """Load the base model named in ``cfg.model`` (blocking; seconds once converted)."""
         from bot.models import load_model_and_tokenizer
 
-        if cfg.model.threads:
-            torch.set_num_threads(cfg.model.threads)
+        process.set_torch_threads(cfg.model.threads)
         model, tokenizer = load_model_and_tokenizer(cfg.model.name, Path(cfg.model.cache_dir).expanduser(),
                                                     cfg.model.dtype)
         s = cfg.sampling
@@ -245,13 +216,13 @@ class Policy:
 
     async def install_version(self, version: int, path: str | Path, sha256: str) -> None:
         """Verify and load a published version beside the current ones. Raises VersionError."""
-        weights = await asyncio.to_thread(read_verified_version, Path(path), sha256)
+        files = await asyncio.to_thread(versions.read_verified, Path(path), sha256)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
         def task():
             try:
-                self._install(version, Path(path), *weights)
+                self._install(version, files)
                 loop.call_soon_threadsafe(_settle, fut, None)
             except Exception as e:  # noqa: BLE001
                 loop.call_soon_threadsafe(_settle, fut, e)
@@ -259,33 +230,18 @@ class Policy:
         self._jobs.put(task)
         await fut
 
-    def _install(self, version: int, path: Path, kind: str, state: dict) -> None:
-        if kind == "full":
+    def _install(self, version: int, files: versions.VersionFiles) -> None:
+        """Load a verified version beside the others (worker thread, between batches)."""
+        label = f"v{version}"
+        if files.kind == "full":
             model = type(self.base)(self.base.config).to(next(self.base.parameters()).dtype)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or [k for k in missing if "lm_head" not in k]:
-                raise VersionError(f"v{version}: weights do not fit the base model "
-                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-            model.tie_weights()
+            versions.load_full_weights(model, files.state, label)
             self._full_models[version] = model.eval()
         else:
-            from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-            lora = LoraConfig.from_pretrained(str(path))
-            name = f"v{version}"
-            if self.model is self.base:
-                self.model = get_peft_model(self.base, lora, adapter_name=name)
-            else:
-                self.model.add_adapter(name, lora)
-            result = set_peft_model_state_dict(self.model, state, adapter_name=name)
-            bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-            if bad:
-                self.model.delete_adapter(name)
-                raise VersionError(f"v{version}: adapter does not fit the base model ({bad[:3]})")
-            self.model.eval()
-        self._loaded[version] = kind
+            self.model = versions.add_adapter(self.model, files, label, label).eval()
+        self._loaded[version] = files.kind
         self._forget_old()
-        log.info("loaded v%d (%s) from %s", version, kind, path)
+        log.info("loaded v%d (%s) from %s", version, files.kind, files.path)
 
     def _forget_old(self) -> None:
         """Keep the few newest versions in memory (plus the active one and the base)."""
@@ -314,27 +270,3 @@ def _settle(fut: asyncio.Future, result: Any) -> None:
         fut.set_exception(result)
     else:
         fut.set_result(result)
-
-
-def read_verified_version(path: Path, sha256: str) -> tuple[str, dict]:
-    """Read a version folder, check the weights' sha256 against the registry, parse them."""
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise VersionError(f"{path}: meta.json is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-        kind, weights_file = meta["kind"], meta["weights_file"]
-    except (ValueError, KeyError) as e:
-        raise VersionError(f"{path}: meta.json is unreadable ({e})") from None
-    weights = path / weights_file
-    if not weights.is_file():
-        raise VersionError(f"{path}: {weights_file} is missing")
-    data = weights.read_bytes()
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256 or meta.get("sha256") not in (None, sha256):
-        raise VersionError(f"{path}: sha256 mismatch (registry {sha256[:12]}…, file {got[:12]}…); refusing it")
-    try:
-        state = load_safetensors_bytes(data)
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
-        raise VersionError(f"{path}: {weights_file} is not valid safetensors ({e})") from None
-    return kind, state

@@ -21,15 +21,15 @@ said in the round's ``start`` note; it never fails a round.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from bot import versions
 from bot.models import sha256_file
-
-OPTIMIZER_FILE = "optimizer.safetensors"
+from bot.policy_types import VersionError
+from bot.versions import OPTIMIZER_FILE
 _KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -93,7 +93,7 @@ def read_version_optimizer(folder: Path) -> tuple[dict[str, torch.Tensor] | None
     """The optimizer state of the version in ``folder``, checked against the sha256 its
     meta.json records. Returns (state or None, why not)."""
     try:
-        meta = json.loads((Path(folder) / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        return None, f"meta.json unreadable ({type(e).__name__})"
+        meta = versions.read_meta(Path(folder))
+    except VersionError as e:
+        return None, f"meta.json unreadable ({e})"
     return read_optimizer(folder, meta.get("optimizer_sha256"))

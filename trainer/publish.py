@@ -1,12 +1,10 @@
 """Publishing model versions so that a crash never leaves a half-written one visible.
 
+What a version folder holds is ``bot/versions.py``; this module makes one appear atomically:
+
     versions_dir/
       .tmp-v0007-4242/    being written by trainer pid 4242 (removed at the next start)
-      v0007/              published: meta.json + the weights file
-        meta.json         {"version", "parent", "kind", "weights_file", "sha256", ...}
-        adapter_model.safetensors + adapter_config.json   (kind "lora", peft format)
-        model.safetensors                                 (kind "full")
-        optimizer.safetensors                             (AdamW moments, LoRA only; optional)
+      v0007/              published
 
 Steps (:func:`publish`): write everything into the tmp folder, fsync each file and the
 folder, ``os.rename`` it to ``vNNNN`` (atomic on one filesystem), fsync ``versions_dir``,
@@ -22,33 +20,21 @@ A rejected candidate gets a registry row (status "rejected", the reason) and no 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
+from bot import versions
 from bot.models import fsync_dir, sha256_file
 from bot.store import Store
-from trainer.optim_state import OPTIMIZER_FILE
 
 log = logging.getLogger(__name__)
-
-TMP_PREFIX = ".tmp-"
-_VERSION_DIR = re.compile(r"^v(\d+)$")
-LORA_WEIGHTS = "adapter_model.safetensors"
-FULL_WEIGHTS = "model.safetensors"
-
-
-def version_dirname(version: int) -> str:
-    return f"v{version:04d}"
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -63,49 +49,23 @@ def _fsync_folder(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights for safetensors: contiguous, CPU, tied duplicates (lm_head) dropped."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in model.state_dict().items():
-        ptr = t.data_ptr()
-        if ptr in seen:            # tied to a tensor already saved (e.g. lm_head = embed_tokens)
-            continue
-        seen.add(ptr)
-        out[name] = t.detach().to("cpu").contiguous().clone()
-    return out
-
-
-def write_weights(folder: Path, model, kind: str) -> str:
-    """Write the candidate's weights into ``folder``; returns the weights file name."""
-    if kind == "lora":
-        model.save_pretrained(str(folder), safe_serialization=True)
-        if not (folder / LORA_WEIGHTS).is_file():
-            raise RuntimeError(f"peft did not write {LORA_WEIGHTS} in {folder}")
-        return LORA_WEIGHTS
-    if kind == "full":
-        save_file(full_state_dict(model), str(folder / FULL_WEIGHTS), metadata={"format": "pt"})
-        return FULL_WEIGHTS
-    raise ValueError(f"unknown version kind {kind!r}")
-
-
 def stage(versions_dir: Path, version: int, model, kind: str, meta: dict,
           optimizer: dict[str, torch.Tensor] | None = None) -> tuple[Path, str]:
     """Write weights + meta.json into ``versions_dir/.tmp-vNNNN-PID`` and fsync them.
 
     Returns (tmp folder, sha256 of the weights). Nothing is visible yet."""
     versions_dir.mkdir(parents=True, exist_ok=True)
-    tmp = versions_dir / f"{TMP_PREFIX}{version_dirname(version)}-{os.getpid()}"
+    tmp = versions_dir / f"{versions.TMP_PREFIX}{versions.dirname(version)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights_file = write_weights(tmp, model, kind)
+    weights_file = versions.write_weights(tmp, model, kind)
     sha = sha256_file(tmp / weights_file)
     meta = {**meta, "version": version, "kind": kind, "weights_file": weights_file, "sha256": sha}
     if optimizer:
-        save_file(optimizer, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
-        meta["optimizer_sha256"] = sha256_file(tmp / OPTIMIZER_FILE)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        save_file(optimizer, str(tmp / versions.OPTIMIZER_FILE), metadata={"format": "pt"})
+        meta["optimizer_sha256"] = sha256_file(tmp / versions.OPTIMIZER_FILE)
+    versions.write_meta(tmp, meta)
     for p in tmp.iterdir():
         p.chmod(0o644)       # readable by the bot even if it runs as another user of the group
     _fsync_folder(tmp)
@@ -132,7 +92,7 @@ async def publish(store: Store, versions_dir: Path, *, version: int, parent: int
     import asyncio
 
     versions_dir = Path(versions_dir)
-    final = versions_dir / version_dirname(version)
+    final = versions_dir / versions.dirname(version)
     meta = {**meta, "parent": parent, "metrics": metrics, "created_at": time.time()}
     tmp, sha = await asyncio.to_thread(stage, versions_dir, version, model, kind, meta, optimizer)
     try:
@@ -166,8 +126,8 @@ async def clean_stale(store: Store, versions_dir: Path) -> list[Path]:
     published = {v.id for v in await store.versions() if v.status == "published"}
     removed = []
     for p in sorted(versions_dir.iterdir()):
-        m = _VERSION_DIR.match(p.name)
-        if p.name.startswith(TMP_PREFIX) or (m and p.is_dir() and int(m.group(1)) not in published):
+        number = versions.number_of(p.name)
+        if p.name.startswith(versions.TMP_PREFIX) or (number is not None and p.is_dir() and number not in published):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
             log.info("removed stale %s", p)
@@ -181,27 +141,19 @@ async def prune(store: Store, versions_dir: Path, keep: int) -> list[Path]:
     versions_dir = Path(versions_dir)
     if not versions_dir.is_dir():
         return []
-    versions = {v.id: v for v in await store.versions()}
+    registry = {v.id: v for v in await store.versions()}
     active = await store.active_version()
     protected = {active}
-    if active in versions and versions[active].parent is not None:
-        protected.add(versions[active].parent)
-    on_disk = sorted(int(m.group(1)) for p in versions_dir.iterdir() if (m := _VERSION_DIR.match(p.name)))
-    published = [v for v in on_disk if v in versions and versions[v].status == "published"]
+    if active in registry and registry[active].parent is not None:
+        protected.add(registry[active].parent)
+    on_disk = sorted(n for p in versions_dir.iterdir() if (n := versions.number_of(p.name)) is not None)
+    published = [v for v in on_disk if v in registry and registry[v].status == "published"]
     protected |= set(published[-keep:])
     removed = []
     for v in published:
         if v not in protected:
-            path = versions_dir / version_dirname(v)
+            path = versions_dir / versions.dirname(v)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
             log.info("pruned old version folder %s", path)
     return removed
-
-
-def _json_default(o):
-    if is_dataclass(o):
-        return asdict(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
+from bot import versions
+from bot.policy_types import VersionError
 from trainer.fluency import symbol_spam
 
 from .people import Asked
@@ -44,8 +45,8 @@ def _tcfg_of(version, tcfg):
     """The trainer settings that rebuild ``version`` exactly (its own adapter shape), so that
     Learner.candidate loads its weights rather than starting a fresh adapter."""
     try:
-        saved = json.loads((Path(version.path) / "meta.json").read_text())["trainer"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = versions.read_meta(Path(version.path))["trainer"]
+    except (VersionError, KeyError, TypeError):
         return tcfg
     keep = ("full_finetune", "lora_rank", "lora_alpha", "target_modules")
     return dataclasses.replace(tcfg, **{k: saved[k] for k in keep if k in saved})
@@ -96,7 +97,8 @@ def reply_stats(learner, version, records, chunk: int = 8) -> dict:
     if base_only:
         model, reference = learner.base, None
     else:
-        model, _, reference, _ = learner.candidate(version, seed=0, tcfg=_tcfg_of(version, learner.tcfg))
+        cand = learner.candidate(version, seed=0, tcfg=_tcfg_of(version, learner.tcfg))
+        model, reference = cand.model, cand.reference
     model.eval()
     records = [r for r in records if r is not None and r.output_ids]
     examples = [Example(r.id, r.prompt_ids, r.output_ids, r.logprobs, r.temperature, 0.0) for r in records]
