@@ -9,6 +9,11 @@ Adapters translate platform events into ``bot.events`` payloads and call:
 
 A reply is written to the store before it is sent, so a crash while sending loses
 nothing the trainer needs; the platform ids are linked once the send returns.
+
+The core knows no platform: what differs between Discord, Slack and the console arrives in
+the payloads (``Message.mentions_bot``, ``Message.rate_limited``, ``Command.prefix``,
+``Command.is_platform_admin``), set by the adapter that owns the rule. It imports no torch:
+the policy is handed in (``bot.policy_types.PolicyLike``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Awaitable, Callable
 
 from bot.config import Config
 from bot.events import Command, CommandResult, HistoryItem, Message, Reaction
-from bot.policy import Busy, Policy, Turn, VersionError
+from bot.policy_types import Busy, PolicyLike, Turn, VersionError
 from bot.rewards import RewardMap, canonical
 from bot.store import Store
 
@@ -38,7 +43,7 @@ ADMIN_COMMANDS = {"retrain", "rollback"}
 
 
 class ChatCore:
-    def __init__(self, cfg: Config, store: Store, policy: Policy):
+    def __init__(self, cfg: Config, store: Store, policy: PolicyLike):
         self.cfg = cfg
         self.store = store
         self.policy = policy
@@ -52,7 +57,7 @@ class ChatCore:
     def wants_reply(self, msg: Message) -> bool:
         if msg.author_is_bot:
             return False
-        if msg.platform == "console" or msg.mentions_bot or msg.replies_to_bot:
+        if msg.mentions_bot or msg.replies_to_bot:
             return True
         if msg.is_dm:
             return self.cfg.chat.reply_in_dms
@@ -60,7 +65,7 @@ class ChatCore:
 
     def _rate_limited(self, msg: Message) -> bool:
         limit = self.cfg.chat.rate_limit_per_minute
-        if limit <= 0 or msg.platform == "console":
+        if limit <= 0 or not msg.rate_limited:
             return False
         window, now = self._recent[(msg.platform, msg.author_id)], time.monotonic()
         while window and now - window[0] > 60:
@@ -138,24 +143,39 @@ class ChatCore:
         log.info("vote: reply #%d user %s %s (%+.1f)", reply_id, user_id, emoji, value)
         return "added"
 
+    async def vote_by_id(self, reply_id: int, user_id: str, emoji: str, added: bool = True) -> str:
+        """A vote on a reply named by its id (the console's /up 12), not by a platform message."""
+        if await self.store.get_reply(reply_id) is None:
+            return f"ignored: there is no reply #{reply_id}"
+        value = self.rewards.value(emoji)
+        if value is None:
+            return "ignored: not a voting emoji"
+        return await self.vote(reply_id, user_id, emoji, value if added else None)
+
+    async def is_bot_reply(self, platform: str, platform_message_id: str) -> bool:
+        """Is this platform message (a part of) one of the bot's recorded replies?"""
+        return await self.store.reply_for_message(platform, platform_message_id) is not None
+
+    def is_voting_emoji(self, emoji: str) -> bool:
+        return self.rewards.value(emoji) is not None
+
+    @property
+    def seed_emoji(self) -> list[str]:
+        """The emoji the adapter puts on each reply so people can vote in one click."""
+        return self.rewards.seed_emoji if self.cfg.rewards.seed_reactions else []
+
     # -- commands -------------------------------------------------------------
 
     def is_admin(self, c: Command) -> bool:
         chat = self.cfg.chat
-        return (c.platform == "console" or c.is_platform_admin
-                or c.user_id in {str(u) for u in chat.admin_user_ids}
+        return (c.is_platform_admin or c.user_id in {str(u) for u in chat.admin_user_ids}
                 or bool(set(c.role_ids) & {str(r) for r in chat.admin_role_ids}))
-
-    def command_text(self, platform: str, name: str) -> str:
-        """How people type command ``name`` where they are: "/rollback" on Discord and in the
-        console, "/reactlearn rollback" on Slack (one slash command with sub-commands)."""
-        return f"{self.cfg.slack.command} {name}" if platform == "slack" else f"/{name}"
 
     async def on_command(self, c: Command) -> CommandResult:
         admin = self.is_admin(c)
         if c.name in ADMIN_COMMANDS and not admin:
             log.info("refused /%s for non-admin %s/%s", c.name, c.platform, c.user_id)
-            return CommandResult(f"Only admins can use {self.command_text(c.platform, c.name)}.", ok=False)
+            return CommandResult(f"Only admins can use {c.typed(c.name)}.", ok=False)
         log.info("command /%s by %s/%s %s", c.name, c.platform, c.user_id, c.args or "")
         if c.name == "retrain":
             rid = await self.store.add_train_request(c.platform, c.channel_id, c.user_id)
@@ -163,7 +183,7 @@ class ChatCore:
         if c.name == "status":
             return CommandResult(await self.status_text(), ok=True)
         if c.name == "rollback":
-            return await self.rollback(c.args.get("version"), platform=c.platform)
+            return await self.rollback(c.args.get("version"), c)
         if c.name == "forget":
             target = str(c.args.get("user") or c.user_id)
             if target != c.user_id and not admin:
@@ -171,15 +191,15 @@ class ChatCore:
             gone = await self.store.forget_user(c.platform, target)
             return CommandResult(f"Forgot user {target}: {gone['messages']} messages, {gone['replies']} replies, "
                                  f"{gone['votes']} votes deleted.", ok=True)
-        return CommandResult(f"Unknown command {self.command_text(c.platform, c.name)}. "
+        return CommandResult(f"Unknown command {c.typed(c.name)}. "
                              f"Try retrain, status, rollback or forget.", ok=False)
 
-    async def rollback(self, version, platform: str = "console") -> CommandResult:
-        status = self.command_text(platform, "status")
+    async def rollback(self, version, c: Command) -> CommandResult:
+        status = c.typed("status")
         try:
             version = int(version)
         except (TypeError, ValueError):
-            return CommandResult(f"Usage: {self.command_text(platform, 'rollback')} VERSION (a number, see {status}).",
+            return CommandResult(f"Usage: {c.typed('rollback')} VERSION (a number, see {status}).",
                                  ok=False)
         v = await self.store.get_version(version)
         if v is None:

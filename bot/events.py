@@ -23,6 +23,7 @@ class Message:
     is_dm: bool = False
     mentions_bot: bool = False
     replies_to_bot: bool = False     # a reply to one of the bot's messages / a post in the bot's thread
+    rate_limited: bool = True        # False in the console playground, where one person is the audience
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,13 @@ class Command:
     user_id: str
     name: str
     args: dict = field(default_factory=dict)
-    is_platform_admin: bool = False   # Discord: Manage Server; Slack: workspace admin/owner
+    is_platform_admin: bool = False   # Discord: Manage Server; Slack: workspace admin/owner; the console: always
     role_ids: tuple[str, ...] = ()
+    prefix: str = "/"                 # how commands are typed here: "/" ("/rollback"), Slack "/reactlearn "
+
+    def typed(self, name: str) -> str:
+        """Command ``name`` as people type it on this platform, for help and error texts."""
+        return f"{self.prefix}{name}"
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ class Console:
 
     async def _message(self, text: str) -> None:
         self._n += 1
-        msg = Message(PLATFORM, f"m{time.time_ns()}-{self._n}", CHANNEL, self.user, self.user, text)
+        # Console rules: every line is addressed to the bot, and one person is not rate limited.
+        msg = Message(PLATFORM, f"m{time.time_ns()}-{self._n}", CHANNEL, self.user, self.user, text,
+                      mentions_bot=True, rate_limited=False)
 
         sent: list[str] = []   # printed after on_message returns, tagged with the reply id
 
@@ -81,16 +83,13 @@ class Console:
         emoji = THUMBS_UP if up in (True, None) else THUMBS_DOWN
         if up is None:
             for e in (THUMBS_UP, THUMBS_DOWN):
-                await self.core.vote(reply_id, self.user, e, None)
+                await self.core.vote_by_id(reply_id, self.user, e, added=False)
             self.say(f"(vote on #{reply_id} removed)")
             return True
-        if await self.core.store.get_reply(reply_id) is None:
-            self.say(f"(there is no reply #{reply_id})")
-            return True
         other = THUMBS_DOWN if up else THUMBS_UP
-        await self.core.vote(reply_id, self.user, other, None)   # one click per reply: switching replaces
-        await self.core.vote(reply_id, self.user, emoji, self.core.rewards.value(emoji))
-        self.say(f"({emoji} on #{reply_id})")
+        await self.core.vote_by_id(reply_id, self.user, other, added=False)   # one click per reply: switching replaces
+        outcome = await self.core.vote_by_id(reply_id, self.user, emoji)
+        self.say(f"({emoji} on #{reply_id})" if outcome == "added" else f"(there is no reply #{reply_id})")
         return True
 
     async def _command(self, name: str, rest: str) -> bool:
@@ -105,7 +104,8 @@ class Console:
                 return True
             return await self._vote(int(rest.lstrip("#")), {"up": True, "down": False}.get(name))
         args = {"version": rest} if name == "rollback" else ({"user": rest} if name == "forget" and rest else {})
-        result = await self.core.on_command(Command(PLATFORM, CHANNEL, self.user, name, args))
+        # The playground's one person is its admin.
+        result = await self.core.on_command(Command(PLATFORM, CHANNEL, self.user, name, args, is_platform_admin=True))
         self.say(result.text)
         return True
 

@@ -85,7 +85,7 @@ class DiscordAdapter:
             return False
         if isinstance(ref.resolved, discord.Message):
             return ref.resolved.author.id == self._bot_id()
-        return await self.core.store.reply_for_message(PLATFORM, str(ref.message_id)) is not None
+        return await self.core.is_bot_reply(PLATFORM, str(ref.message_id))
 
     def _clean(self, m: discord.Message) -> str:
         """The text as people read it: the bot's own mention dropped, other mentions as @name / #channel."""
@@ -148,8 +148,8 @@ class DiscordAdapter:
         async with message.channel.typing():
             reply_id = await self.core.on_message(msg, history, send)
         # Vote buttons only on a model reply (not on the rate-limit / busy / error notices).
-        if reply_id is not None and sent and self.cfg.rewards.seed_reactions:
-            for emoji in self.core.rewards.seed_emoji:
+        if reply_id is not None and sent:
+            for emoji in self.core.seed_emoji:
                 try:
                     await sent[0].add_reaction(emoji)
                 except discord.HTTPException as e:   # no Add Reactions permission, unknown emoji, ...

@@ -331,11 +331,11 @@ class SlackAdapter:
 
         reply_id = await self.core.on_message(msg, history, send)
         # Seeds go on generated replies only (not on "busy" or "too fast" notes), on the first part.
-        if reply_id is not None and posted and self.cfg.rewards.seed_reactions:
+        if reply_id is not None and posted:
             await self._seed(*posted[0])
 
     async def _seed(self, channel: str, ts: str) -> None:
-        for emoji in self.core.rewards.seed_emoji:
+        for emoji in self.core.seed_emoji:
             name = slack_name(emoji)
             if name is None:
                 log.debug("slack: no Slack name for seed emoji %r", emoji)
@@ -353,7 +353,7 @@ class SlackAdapter:
             return
         user, emoji = event.get("user") or "", event.get("reaction") or ""
         is_bot = user == self.bot_user_id
-        if not is_bot and self.core.rewards.value(emoji) is not None:   # only voting emoji cost a lookup
+        if not is_bot and self.core.is_voting_emoji(emoji):   # only voting emoji cost a lookup
             info = await self._user(user)
             is_bot = bool(info and (info.get("is_bot") or info.get("id") == "USLACKBOT"))
         outcome = await self.core.on_reaction(Reaction(
@@ -381,7 +381,8 @@ class SlackAdapter:
         result = await self.core.on_command(Command(
             PLATFORM, command.get("channel_id", ""), user, name, args,
             is_platform_admin=bool(info and (info.get("is_admin") or info.get("is_owner")
-                                             or info.get("is_primary_owner")))))
+                                             or info.get("is_primary_owner"))),
+            prefix=f"{self.command_name} "))     # one slash command with sub-commands: "/reactlearn rollback"
         for chunk in split_text(escape(result.text), self.cfg.slack.message_chars):
             await respond(text=chunk, response_type="ephemeral")
 
