@@ -1,9 +1,9 @@
 """The learner: the base model, the candidate built from the active version, and its training.
 
     learner = Learner(cfg, tcfg)            # loads the base model once, keeps it between rounds
-    model, kind, reference, note = learner.candidate(active_version, seed)
-    stats = learner.train(model, reference, examples, seed=seed, stop=stop)   # epochs × minibatches
-    report = learner.gates(model, reference, stats.loss, stop)
+    cand = learner.candidate(active_version, seed)   # Candidate(model, kind, reference, note)
+    stats = learner.train(cand.model, cand.reference, examples, seed=seed, stop=stop)   # epochs × minibatches
+    report = learner.gates(cand.model, cand.reference, stats.loss, stop)
 
 All blocking; ``trainer/round.py`` calls these through ``asyncio.to_thread`` and decides what
 to publish. The loss itself is ``trainer/loss.py``; the batches ``trainer/data.py``.
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bot import process, versions
 from bot.config import Config
 from bot.models import load_model_and_tokenizer
-from bot.policy import VersionError, read_verified_version
+from bot.policy_types import VersionError
 from bot.store import Version
 from trainer.config import TrainerConfig
 from trainer.data import Example, collate, minibatches, reference_logits, reply_logits, tempered
@@ -52,6 +53,22 @@ class TrainStats:
     optimizer: dict = field(default_factory=dict, repr=False)   # AdamW state to publish (optim_state.py)
 
 
+@dataclass
+class Candidate:
+    """What a round trains: the model, its kind, the KL reference and how it started."""
+
+    model: object                  # a PeftModel (LoRA) or a full copy of the base
+    kind: str                      # "lora" | "full"
+    reference: object | None       # None: the LoRA model with its adapter off; else the frozen base
+    note: str                      # "continuing v3 (lora)", "fresh from the base model", ...
+
+
+def _same_shape(saved, lora) -> bool:
+    """Do two LoraConfigs build adapters of the same shape (so weights carry over)?"""
+    return (saved.r, saved.lora_alpha, set(saved.target_modules)) == (lora.r, lora.lora_alpha,
+                                                                       set(lora.target_modules))
+
+
 def _finite(x: float) -> bool:
     return math.isfinite(x)
 
@@ -73,9 +90,7 @@ class Learner:
         """Load the base model once (blocking). Training is always float32 on CPU."""
         if self.base is not None:
             return
-        threads = self.tcfg.threads or self.cfg.model.threads
-        if threads:
-            torch.set_num_threads(threads)
+        process.set_torch_threads(self.tcfg.threads or self.cfg.model.threads)
         model, tokenizer = load_model_and_tokenizer(self.cfg.model.name, Path(self.cfg.model.cache_dir).expanduser(),
                                                     "float32")
         for p in model.parameters():
@@ -93,56 +108,47 @@ class Learner:
         return LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                           target_modules=list(t.target_modules), bias="none", task_type="CAUSAL_LM")
 
-    def candidate(self, start: Version | None, seed: int, tcfg: TrainerConfig | None = None):
+    def candidate(self, start: Version | None, seed: int, tcfg: TrainerConfig | None = None) -> "Candidate":
         """A trainable model continuing from ``start`` (the active version; None/0 = base).
 
-        Returns (model, kind, reference, note): reference is None for LoRA (run the model
-        with its adapter disabled) or the frozen base for a full fine-tune."""
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
+        LoRA: the active version's adapter when it has this config's shape, else a fresh one
+        (the reference is the adapter switched off). Full fine-tune: the active weights (a
+        LoRA version is merged in first); the reference is the frozen base."""
         t = tcfg or self.tcfg
         self.load()
-        kind = "full" if t.full_finetune else "lora"
-        state, start_kind, note = None, None, "fresh from the base model"
+        files, note = None, "fresh from the base model"
         if start is not None and start.id != 0:
             if not start.path or not start.sha256:
                 raise VersionError(f"active v{start.id} has no files in the registry")
-            start_kind, state = read_verified_version(Path(start.path), start.sha256)
-            note = f"continuing v{start.id} ({start_kind})"
+            files = versions.read_verified(Path(start.path), start.sha256)
+            note = f"continuing v{start.id} ({files.kind})"
         model = copy.deepcopy(self.base)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            if kind == "lora":
-                lora = self._lora_config(t)
-                if start_kind == "lora":
-                    saved = LoraConfig.from_pretrained(start.path)
-                    if (saved.r, saved.lora_alpha, set(saved.target_modules)) != (
-                            lora.r, lora.lora_alpha, set(lora.target_modules)):
-                        start_kind, note = None, (f"fresh adapter: v{start.id}'s rank/alpha/targets differ from "
-                                                  "the config")
-                elif start_kind == "full":
-                    start_kind, note = None, f"fresh adapter: v{start.id} is a full fine-tune, LoRA starts from base"
-                model = get_peft_model(model, lora)
-                if start_kind == "lora":
-                    result = set_peft_model_state_dict(model, state)
-                    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-                    if bad:
-                        raise VersionError(f"v{start.id}'s adapter does not fit the base model ({bad[:3]})")
-                reference = None
-            else:
-                if start_kind == "full":
-                    missing, unexpected = model.load_state_dict(state, strict=False)
-                    if unexpected or [k for k in missing if "lm_head" not in k]:
-                        raise VersionError(f"v{start.id}'s weights do not fit the base model")
-                    model.tie_weights()
-                elif start_kind == "lora":   # fold the active adapter into the weights, go on from there
-                    peft_model = get_peft_model(model, LoraConfig.from_pretrained(start.path))
-                    set_peft_model_state_dict(peft_model, state)
-                    model = peft_model.merge_and_unload()
-                for p in model.parameters():
-                    p.requires_grad_(True)
-                reference = self.base
-        return model, kind, reference, note
+            if t.full_finetune:
+                return Candidate(self._full_from(model, files, start), "full", self.base, note)
+            lora = self._lora_config(t)
+            if files is not None and files.kind == "full":
+                files, note = None, f"fresh adapter: v{start.id} is a full fine-tune, LoRA starts from base"
+            elif files is not None and not _same_shape(versions.adapter_config(files.path), lora):
+                files, note = None, f"fresh adapter: v{start.id}'s rank/alpha/targets differ from the config"
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora)
+            if files is not None:
+                versions.set_adapter_weights(model, files.state, "default", f"v{start.id}")
+            return Candidate(model, "lora", None, note)
+
+    @staticmethod
+    def _full_from(model, files: versions.VersionFiles | None, start: Version | None):
+        """``model`` (a copy of the base) with the active version's weights, all trainable."""
+        if files is not None and files.kind == "full":
+            versions.load_full_weights(model, files.state, f"v{start.id}")
+        elif files is not None:          # fold the active adapter into the weights, go on from there
+            model = versions.add_adapter(model, files, "default", f"v{start.id}").merge_and_unload()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
 
     # -- training ---------------------------------------------------------------
 
@@ -161,18 +167,11 @@ class Learner:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("the candidate has no trainable parameters")
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        if opt_state:
-            why = import_adam(model, opt, opt_state)
-            if why:
-                log.warning("optimizer: starting fresh (%s)", why)
-            else:
-                log.info("optimizer: continuing the parent's AdamW state")
+        opt = self._optimizer(model, params, t, opt_state)
         gen = torch.Generator().manual_seed(seed)
         mean_reward = sum(e.reward for e in examples) / len(examples)
         ref_cache: dict[int, torch.Tensor] = {}    # example index → reference logprobs [t]: base is frozen
-        steps_per_epoch = math.ceil(len(examples) / t.minibatch_size)
-        bar = self._bar(t.epochs * steps_per_epoch, desc)
+        bar = self._bar(t.epochs * math.ceil(len(examples) / t.minibatch_size), desc)
         history: list[dict] = []
         first_ratio, grad_norm, step = float("nan"), float("nan"), 0
         model.train()
@@ -180,43 +179,18 @@ class Learner:
             for epoch in range(t.epochs):
                 sums = {"loss": 0.0, "kl": 0.0, "pg": 0.0, "clip_frac": 0.0}
                 for idx in minibatches(len(examples), t.minibatch_size, gen):
+                    where = f"epoch {epoch + 1}, step {step + 1}"
                     if stop.is_set():
-                        raise Interrupted(f"stopped at epoch {epoch + 1}, step {step + 1}")
+                        raise Interrupted(f"stopped at {where}")
                     batch = collate([examples[i] for i in idx], pad)                   # [B, P+T] …
-                    if t.kl_estimator == "full":
-                        new_all = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)
-                        ref_all = self._reference_all(model, reference, batch)            # [B, T, V]
-                        new_logp = new_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)  # [B, T], grad
-                        ref_logp = ref_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-                        kl_tokens = full_kl(new_all, ref_all)                              # [B, T], grad
-                        del ref_all
-                    else:
-                        ref_logp = self._reference_logp(model, reference, batch, idx, ref_cache)   # [B, T]
-                        new_logp = token_logprobs(tempered(reply_logits(model, batch), batch.temperature),
-                                                  batch.targets)                           # [B, T], grad
-                        kl_tokens = None
-                    parts = pg_loss(new_logp, batch.behaviour_logp, ref_logp, batch.advantages, batch.mask,
-                                    clip_eps=t.clip_eps, kl_coef=t.kl_coef, kl_tokens=kl_tokens)
-                    loss = float(parts.loss.detach())
-                    if not _finite(loss):
-                        raise NonFinite(f"loss is {loss} at epoch {epoch + 1}, step {step + 1}")
-                    opt.zero_grad(set_to_none=True)
-                    parts.loss.backward()
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-                    if not _finite(grad_norm):
-                        raise NonFinite(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {step + 1}")
-                    opt.step()
-                    if not all(bool(torch.isfinite(p).all()) for p in params):
-                        raise NonFinite(f"weights became non-finite at epoch {epoch + 1}, step {step + 1}")
+                    out = self._step(model, reference, batch, idx, ref_cache, opt, params, t, where)
                     if step == 0:
-                        first_ratio = float(parts.ratio_mean)
-                    step += 1
+                        first_ratio = out["ratio_mean"]
+                    step, grad_norm = step + 1, out["grad_norm"]
                     n = len(idx) / len(examples)          # weight minibatches by size for the epoch mean
-                    sums["loss"] += loss * n
-                    sums["kl"] += float(parts.kl) * n
-                    sums["pg"] += float(parts.pg) * n
-                    sums["clip_frac"] += float(parts.clip_frac) * n
-                    bar.set_postfix(loss=f"{loss:.4f}", kl=f"{float(parts.kl):.4f}", reward=f"{mean_reward:+.2f}",
+                    for key in sums:
+                        sums[key] += out[key] * n
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", kl=f"{out['kl']:.4f}", reward=f"{mean_reward:+.2f}",
                                     refresh=False)
                     bar.update(1)
                 history.append({"epoch": epoch + 1, **sums})
@@ -229,6 +203,57 @@ class Learner:
         return TrainStats(loss=last["loss"], kl=last["kl"], pg=last["pg"], clip_frac=last["clip_frac"],
                           first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history,
                           optimizer=export_adam(model, opt) if t.keep_optimizer and not t.full_finetune else {})
+
+    @staticmethod
+    def _optimizer(model, params: list, t: TrainerConfig, opt_state: dict | None) -> torch.optim.AdamW:
+        """AdamW over ``params``; continues ``opt_state`` (the parent's moments) when it fits."""
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        if opt_state:
+            why = import_adam(model, opt, opt_state)
+            if why:
+                log.warning("optimizer: starting fresh (%s)", why)
+            else:
+                log.info("optimizer: continuing the parent's AdamW state")
+        return opt
+
+    def _step(self, model, reference, batch, idx: list[int], ref_cache: dict, opt, params: list,
+              t: TrainerConfig, where: str) -> dict[str, float]:
+        """One minibatch: forward, loss, backward, clip the grad norm, AdamW step.
+
+        A NaN/inf loss, gradient norm or weight raises NonFinite (``where`` names the step).
+        Returns the step's loss, kl, pg, clip_frac (what the epoch sums add up), ratio_mean
+        and grad_norm, as floats."""
+        new_logp, ref_logp, kl_tokens = self._logprobs(model, reference, batch, idx, ref_cache, t.kl_estimator)
+        parts = pg_loss(new_logp, batch.behaviour_logp, ref_logp, batch.advantages, batch.mask,
+                        clip_eps=t.clip_eps, kl_coef=t.kl_coef, kl_tokens=kl_tokens)
+        loss = float(parts.loss.detach())
+        if not _finite(loss):
+            raise NonFinite(f"loss is {loss} at {where}")
+        opt.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        if not _finite(grad_norm):
+            raise NonFinite(f"gradient norm is {grad_norm} at {where}")
+        opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NonFinite(f"weights became non-finite at {where}")
+        return {"loss": loss, "kl": float(parts.kl), "pg": float(parts.pg), "clip_frac": float(parts.clip_frac),
+                "ratio_mean": float(parts.ratio_mean), "grad_norm": grad_norm}
+
+    def _logprobs(self, model, reference, batch, idx: list[int], ref_cache: dict, kl_estimator: str):
+        """(log π_θ [B, T] with grad, log π_ref [B, T], KL per position [B, T] with grad or None)
+        of the batch's reply tokens. ``kl_estimator == "full"``: the exact KL over the vocabulary;
+        otherwise None (the loss uses k3) and the reference logprobs come from ``ref_cache``."""
+        if kl_estimator == "full":
+            new_all = torch.log_softmax(tempered(reply_logits(model, batch), batch.temperature), -1)
+            ref_all = self._reference_all(model, reference, batch)            # [B, T, V]
+            new_logp = new_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)  # [B, T], grad
+            ref_logp = ref_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+            return new_logp, ref_logp, full_kl(new_all, ref_all)              # [B, T], grad
+        ref_logp = self._reference_logp(model, reference, batch, idx, ref_cache)   # [B, T]
+        new_logp = token_logprobs(tempered(reply_logits(model, batch), batch.temperature),
+                                  batch.targets)                           # [B, T], grad
+        return new_logp, ref_logp, None
 
     @torch.no_grad()
     def _reference_all(self, model, reference, batch) -> torch.Tensor:

@@ -169,33 +169,9 @@ def pg_loss(
     log_ratio = torch.where(real, new_logp - behaviour_logp, zero)  # [B, T]
     log_r_ref = torch.where(real, ref_logp - new_logp, zero)  # [B, T]
 
-    # --- PPO-clip surrogate ------------------------------------------------
     ratio = torch.exp(log_ratio)  # [B, T]  rho
-    unclipped = ratio * adv  # [B, T]
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv  # [B, T]
-    # Pessimistic bound: take the smaller objective. When the clipped branch
-    # wins, clamp() is flat there, so the token contributes no gradient.
-    pg_term = -torch.minimum(unclipped, clipped)  # [B, T]
-
-    # Clipping is "active" where the clipped branch was chosen AND differs,
-    # i.e. rho > 1+eps with A > 0, or rho < 1-eps with A < 0.
-    clip_active = (clipped < unclipped) & real  # [B, T]
-
-    # --- KL(pi_theta || pi_ref), k3 estimator -------------------------------
-    # k3 = r - 1 - log r with r = pi_ref / pi_theta (Schulman, "Approximating
-    # KL divergence"). It is >= 0 for every token and unbiased for
-    # KL(pi_theta || pi_ref) *when the token is sampled from pi_theta*.
-    # Our tokens were sampled from the behaviour policy instead, so strictly an
-    # importance weight rho would be needed. Like GRPO (DeepSeekMath) and TRL's
-    # GRPOTrainer we evaluate k3 at the behaviour samples with no weighting:
-    # pi_theta stays close to pi_behaviour (that is what clipping enforces), so
-    # the bias is small, and the unweighted penalty has lower variance.
-    if kl_tokens is None:
-        k3 = torch.exp(log_r_ref) - 1.0 - log_r_ref  # [B, T]
-    elif kl_tokens.shape != new_logp.shape:
-        raise ValueError(f"kl_tokens shape {tuple(kl_tokens.shape)} does not match {tuple(new_logp.shape)}")
-    else:
-        k3 = torch.where(real, kl_tokens, zero)  # [B, T], the exact KL instead
+    pg_term, clip_active = _clipped_surrogate(ratio, adv, clip_eps, real)  # [B, T] each
+    k3 = _kl_penalty(log_r_ref, kl_tokens, real, zero)  # [B, T]
 
     # --- Token-level masked mean over the whole batch -----------------------
     # Every real token in the batch weighs the same (so longer replies weigh
@@ -210,6 +186,44 @@ def pg_loss(
         ratio_mean = (ratio * weight).sum() / n_tokens
 
     return LossParts(loss=loss, pg=pg, kl=kl, clip_frac=clip_frac, ratio_mean=ratio_mean)
+
+
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, clip_eps: float, real: Tensor) -> tuple[Tensor, Tensor]:
+    """The PPO-clip term and where clipping was active, both [B, T].
+
+    ratio: [B, T] rho;  adv: [B, 1] (broadcasts over T);  real: [B, T] bool
+    """
+    unclipped = ratio * adv  # [B, T]
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv  # [B, T]
+    # Pessimistic bound: take the smaller objective. When the clipped branch
+    # wins, clamp() is flat there, so the token contributes no gradient.
+    pg_term = -torch.minimum(unclipped, clipped)  # [B, T]
+
+    # Clipping is "active" where the clipped branch was chosen AND differs,
+    # i.e. rho > 1+eps with A > 0, or rho < 1-eps with A < 0.
+    clip_active = (clipped < unclipped) & real  # [B, T]
+    return pg_term, clip_active
+
+
+def _kl_penalty(log_r_ref: Tensor, kl_tokens: Tensor | None, real: Tensor, zero: Tensor) -> Tensor:
+    """KL(pi_theta || pi_ref) per token [B, T]: the k3 estimate, or ``kl_tokens`` when given.
+
+    log_r_ref: [B, T] log pi_ref - log pi_theta, already 0 at padding;  real: [B, T] bool
+
+    k3 = r - 1 - log r with r = pi_ref / pi_theta (Schulman, "Approximating
+    KL divergence"). It is >= 0 for every token and unbiased for
+    KL(pi_theta || pi_ref) *when the token is sampled from pi_theta*.
+    Our tokens were sampled from the behaviour policy instead, so strictly an
+    importance weight rho would be needed. Like GRPO (DeepSeekMath) and TRL's
+    GRPOTrainer we evaluate k3 at the behaviour samples with no weighting:
+    pi_theta stays close to pi_behaviour (that is what clipping enforces), so
+    the bias is small, and the unweighted penalty has lower variance.
+    """
+    if kl_tokens is None:
+        return torch.exp(log_r_ref) - 1.0 - log_r_ref  # [B, T]
+    if kl_tokens.shape != log_r_ref.shape:
+        raise ValueError(f"kl_tokens shape {tuple(kl_tokens.shape)} does not match {tuple(log_r_ref.shape)}")
+    return torch.where(real, kl_tokens, zero)  # [B, T], the exact KL instead
 
 
 # --------------------------------------------------------------------------

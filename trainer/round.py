@@ -28,16 +28,16 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bot.config import Config
-from bot.policy import VersionError
+from bot.policy_types import VersionError
 from bot.store import Store
 from trainer.config import TrainerConfig
 from trainer.data import Example, make_examples
-from trainer.gates import Interrupted
-from trainer.learner import Learner, NonFinite
+from trainer.gates import GateReport, Interrupted
+from trainer.learner import Candidate, Learner, NonFinite, TrainStats
 from trainer.optim_state import read_version_optimizer
 from trainer.publish import prune, publish, reject
 
@@ -83,108 +83,167 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
     started = time.monotonic()
     stop = stop or threading.Event()
     parent = await store.active_version()
-    round_id = await store.start_round(request_id, parent)
-    examples: list[Example] = []
+    r = _Round(store, cfg, tcfg, learner, stop, parent=parent, round_id=await store.start_round(request_id, parent),
+               started=started)
+    skipped = await _data(r, all_rated=use_all or request_id is not None)     # 1. data
+    if skipped:
+        return await r.finish(skipped)
+    try:
+        cand, opt_state = await _model(r)            # 2. model
+        stats = await _train(r, cand, opt_state)     # 3. train
+        report = await _gates(r, cand, stats)        # 4. gates
+    except Interrupted as e:
+        return await r.finish(r.failed(f"interrupted ({e})", interrupted=True))
+    except (NonFinite, VersionError) as e:
+        return await r.finish(r.failed(str(e)))
+    except Exception as e:  # noqa: BLE001 - a broken round must not kill the trainer loop
+        log.exception("round failed")
+        return await r.finish(r.failed(f"{type(e).__name__}: {e}"))
+    unpublishable = await _before_publishing(r, stats)
+    if unpublishable:
+        return await r.finish(unpublishable)
+    return await r.finish(await _publish(r, cand, stats, report, before_rename))   # 5. publish or reject
 
-    async def finish(result: RoundResult) -> RoundResult:
-        result.seconds = time.monotonic() - started
-        result.parent = parent
-        result.last_reply_id = max((e.reply_id for e in examples), default=None)
-        await store.finish_round(round_id, status=result.status, version=result.version,
-                                 n_replies=result.n_replies, mean_reward=result.mean_reward, kl=result.kl,
-                                 loss=result.loss, reason=result.reason)
+
+@dataclass
+class _Round:
+    """What the phases of one round share; ``finish`` records the round whatever happened."""
+
+    store: Store
+    cfg: Config
+    tcfg: TrainerConfig
+    learner: Learner
+    stop: threading.Event
+    parent: int                    # the active version the round starts from
+    round_id: int                  # its row in the store's ``rounds`` table
+    started: float                 # time.monotonic() at the start
+    examples: list[Example] = field(default_factory=list)
+    mean_reward: float | None = None
+    n_degenerate: int = 0
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per phase: model, train, gates, publish
+    clock: float = 0.0             # when the phase being timed began
+
+    @property
+    def seed(self) -> int:
+        return self.tcfg.seed + self.parent
+
+    def lap(self, name: str) -> None:
+        """The phase ``name`` ends now, and the next one begins."""
+        now = time.monotonic()
+        self.timings[name] = round(now - self.clock, 3)
+        self.clock = now
+
+    def failed(self, reason: str, **fields) -> RoundResult:
+        return RoundResult("failed", n_replies=len(self.examples), mean_reward=self.mean_reward, reason=reason,
+                           **fields)
+
+    async def finish(self, result: RoundResult) -> RoundResult:
+        """Fill in the round's totals, record it in the ``rounds`` table, log its summary."""
+        result.seconds = time.monotonic() - self.started
+        result.parent = self.parent
+        result.last_reply_id = max((e.reply_id for e in self.examples), default=None)
+        await self.store.finish_round(self.round_id, status=result.status, version=result.version,
+                                      n_replies=result.n_replies, mean_reward=result.mean_reward, kl=result.kl,
+                                      loss=result.loss, reason=result.reason)
         (log.info if result.status in ("published", "skipped") else log.warning)(
             "%s (%.1fs)", result.summary(), result.seconds)
         return result
 
-    # 1. data: settled rated replies → examples with advantages
-    settled_before = time.time() if (use_all or request_id is not None) else time.time() - tcfg.settle_seconds
-    replies = await store.rated_replies(settled_before, limit=tcfg.window)
-    examples = make_examples(replies, tcfg.baseline, punish_degenerate=tcfg.punish_degenerate,
-                             max_repetition=tcfg.max_repetition)
-    if len(examples) < 2:
-        return await finish(RoundResult("skipped", n_replies=len(examples),
-                                        reason=f"{len(examples)} settled rated replies; need at least 2"))
+
+async def _data(r: _Round, *, all_rated: bool) -> RoundResult | None:
+    """1. data: settled rated replies → examples with advantages; a "skipped" result when
+    there is nothing to learn. ``all_rated``: don't wait for votes to settle."""
+    t = r.tcfg
+    settled_before = time.time() if all_rated else time.time() - t.settle_seconds
+    replies = await r.store.rated_replies(settled_before, limit=t.window)
+    r.examples = examples = make_examples(replies, t.baseline, punish_degenerate=t.punish_degenerate,
+                                          max_repetition=t.max_repetition)
     n = len(examples)
-    mean_reward = sum(e.reward for e in examples) / n
+    if n < 2:
+        return RoundResult("skipped", n_replies=n, reason=f"{n} settled rated replies; need at least 2")
+    r.mean_reward = sum(e.reward for e in examples) / n
     if max(abs(e.advantage) for e in examples) < 1e-6:
-        return await finish(RoundResult("skipped", n_replies=n, mean_reward=mean_reward,
-                                        reason=f"all {n} rated replies have the same reward ({mean_reward:+.2f}); "
-                                               f"nothing to learn with the '{tcfg.baseline}' baseline"))
-    seed = tcfg.seed + parent
-    n_degenerate = sum(1 for e in examples if e.degenerate)
+        return RoundResult("skipped", n_replies=n, mean_reward=r.mean_reward,
+                           reason=f"all {n} rated replies have the same reward ({r.mean_reward:+.2f}); "
+                                  f"nothing to learn with the '{t.baseline}' baseline")
+    r.n_degenerate = sum(1 for e in examples if e.degenerate)
     log.info("round: %d rated replies (ids %d..%d), mean reward %+.2f, from v%d", n, examples[0].reply_id,
-             examples[-1].reply_id, mean_reward, parent)
-    if n_degenerate:
-        log.info("round: %d degenerate replies counted as disliked (%s)", n_degenerate,
+             examples[-1].reply_id, r.mean_reward, r.parent)
+    if r.n_degenerate:
+        log.info("round: %d degenerate replies counted as disliked (%s)", r.n_degenerate,
                  ", ".join(sorted({e.degenerate.split(" (")[0] for e in examples if e.degenerate})))
+    return None
 
-    timings: dict[str, float] = {}
-    clock = time.monotonic()
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.monotonic()
-        timings[name] = round(now - clock, 3)
-        clock = now
+async def _model(r: _Round) -> tuple[Candidate, dict | None]:
+    """2. model: continue the active version (reference = adapter off / base copy), and its
+    AdamW moments when ``keep_optimizer`` kept them."""
+    r.clock = time.monotonic()     # the phase timings start here
+    start = await r.store.get_version(r.parent)
+    cand = await asyncio.to_thread(r.learner.candidate, start, r.seed, r.tcfg)
+    opt_state = None
+    if cand.kind == "lora" and r.tcfg.keep_optimizer and cand.note.startswith("continuing"):
+        opt_state, why = await asyncio.to_thread(read_version_optimizer, Path(start.path))
+        kept = ", its optimizer state" if opt_state else f", a fresh optimizer ({why})"
+        cand = replace(cand, note=cand.note + kept)
+    log.info("candidate: %s, %s", cand.kind, cand.note)
+    r.lap("model")
+    return cand, opt_state
 
-    try:
-        # 2. model: continue the active version (reference = adapter off / base copy)
-        start = await store.get_version(parent)
-        model, kind, reference, note = await asyncio.to_thread(learner.candidate, start, seed, tcfg)
-        opt_state = None
-        if kind == "lora" and tcfg.keep_optimizer and note.startswith("continuing"):
-            opt_state, why = await asyncio.to_thread(read_version_optimizer, Path(start.path))
-            note += ", its optimizer state" if opt_state else f", a fresh optimizer ({why})"
-        log.info("candidate: %s, %s", kind, note)
-        lap("model")
-        # 3. train
-        stats = await asyncio.to_thread(learner.train, model, reference, examples, seed=seed, stop=stop,
-                                        tcfg=tcfg, desc=f"round from v{parent}", opt_state=opt_state)
-        lap("train")
-        # 4. gates
-        report = await asyncio.to_thread(learner.gates, model, reference, stats.loss, stop, cfg, tcfg)
-        lap("gates")
-    except Interrupted as e:
-        return await finish(RoundResult("failed", n_replies=n, mean_reward=mean_reward,
-                                        reason=f"interrupted ({e})", interrupted=True))
-    except (NonFinite, VersionError) as e:
-        return await finish(RoundResult("failed", n_replies=n, mean_reward=mean_reward, reason=str(e)))
-    except Exception as e:  # noqa: BLE001 - a broken round must not kill the trainer loop
-        log.exception("round failed")
-        return await finish(RoundResult("failed", n_replies=n, mean_reward=mean_reward,
-                                        reason=f"{type(e).__name__}: {e}"))
-    if stop.is_set():
-        return await finish(RoundResult("failed", n_replies=n, mean_reward=mean_reward, loss=stats.loss,
-                                        reason="interrupted (before publishing)", interrupted=True))
-    if await store.active_version() != parent:
-        return await finish(RoundResult("failed", n_replies=n, mean_reward=mean_reward, loss=stats.loss,
-                                        reason=f"the active version changed from v{parent} during the round "
-                                               "(a rollback?); not publishing over it"))
 
-    # 5. publish or reject
-    version = await store.next_version_id()
-    metrics = {"n_replies": n, "n_degenerate": n_degenerate, "mean_reward": mean_reward,
-               "last_reply_id": max(e.reply_id for e in examples),
-               "loss": stats.loss, "train_kl": stats.kl, "pg": stats.pg, "clip_frac": stats.clip_frac,
-               "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
-               "kind": kind, "start": note, "seconds": timings, **report.as_metrics()}
-    result = RoundResult("published" if report.passed else "rejected", version=version, n_replies=n,
-                         n_degenerate=n_degenerate, mean_reward=mean_reward, kl=report.kl, loss=stats.loss,
-                         reason=report.reason, timings=timings)
+async def _train(r: _Round, cand: Candidate, opt_state: dict | None) -> TrainStats:
+    """3. train: epochs × minibatches (trainer/learner.py); NaN/inf or the stop event raise."""
+    stats = await asyncio.to_thread(r.learner.train, cand.model, cand.reference, r.examples, seed=r.seed,
+                                    stop=r.stop, tcfg=r.tcfg, desc=f"round from v{r.parent}", opt_state=opt_state)
+    r.lap("train")
+    return stats
+
+
+async def _gates(r: _Round, cand: Candidate, stats: TrainStats) -> GateReport:
+    """4. gates: the candidate on probe prompts (trainer/gates.py)."""
+    report = await asyncio.to_thread(r.learner.gates, cand.model, cand.reference, stats.loss, r.stop, r.cfg, r.tcfg)
+    r.lap("gates")
+    return report
+
+
+async def _before_publishing(r: _Round, stats: TrainStats) -> RoundResult | None:
+    """A "failed" result when the round must not publish: the stop event, or a rollback meanwhile."""
+    if r.stop.is_set():
+        return r.failed("interrupted (before publishing)", loss=stats.loss, interrupted=True)
+    if await r.store.active_version() != r.parent:
+        return r.failed(f"the active version changed from v{r.parent} during the round "
+                        "(a rollback?); not publishing over it", loss=stats.loss)
+    return None
+
+
+async def _publish(r: _Round, cand: Candidate, stats: TrainStats, report: GateReport, before_rename) -> RoundResult:
+    """5. publish: atomic folder + registry row + activate, or a "rejected" row with the reason."""
+    version = await r.store.next_version_id()
+    metrics = _metrics(r, cand, stats, report)
+    result = RoundResult("published" if report.passed else "rejected", version=version, n_replies=len(r.examples),
+                         n_degenerate=r.n_degenerate, mean_reward=r.mean_reward, kl=report.kl, loss=stats.loss,
+                         reason=report.reason, timings=r.timings)
     if not report.passed:
-        metrics.pop("last_reply_id")   # last_trained_reply_id() counts published rounds only
-        metrics["candidate_last_reply_id"] = max(e.reply_id for e in examples)
-        await reject(store, version=version, parent=parent, reason=report.reason, metrics=metrics)
-        return await finish(result)
-    meta = {"base_model": cfg.model.name, "trainer": asdict(tcfg), "reply_ids": [e.reply_id for e in examples]}
+        # last_trained_reply_id() counts published rounds only
+        metrics["candidate_last_reply_id"] = metrics.pop("last_reply_id")
+        await reject(r.store, version=version, parent=r.parent, reason=report.reason, metrics=metrics)
+        return result
+    meta = {"base_model": r.cfg.model.name, "trainer": asdict(r.tcfg), "reply_ids": [e.reply_id for e in r.examples]}
     try:
-        await publish(store, cfg.versions_dir, version=version, parent=parent, model=model, kind=kind, meta=meta,
-                      metrics=metrics, before_rename=before_rename, optimizer=stats.optimizer)
+        await publish(r.store, r.cfg.versions_dir, version=version, parent=r.parent, model=cand.model, kind=cand.kind,
+                      meta=meta, metrics=metrics, before_rename=before_rename, optimizer=stats.optimizer)
     except Exception as e:  # noqa: BLE001
         log.exception("publishing v%d failed", version)
-        return await finish(RoundResult("failed", n_replies=n, mean_reward=mean_reward, kl=report.kl,
-                                        loss=stats.loss, reason=f"publishing failed: {type(e).__name__}: {e}"))
-    await prune(store, cfg.versions_dir, tcfg.keep_versions)
-    lap("publish")
-    return await finish(result)
+        return r.failed(f"publishing failed: {type(e).__name__}: {e}", kl=report.kl, loss=stats.loss)
+    await prune(r.store, r.cfg.versions_dir, r.tcfg.keep_versions)
+    r.lap("publish")
+    return result
+
+
+def _metrics(r: _Round, cand: Candidate, stats: TrainStats, report: GateReport) -> dict:
+    """What the version's registry row says about the round that made it."""
+    return {"n_replies": len(r.examples), "n_degenerate": r.n_degenerate, "mean_reward": r.mean_reward,
+            "last_reply_id": max(e.reply_id for e in r.examples),
+            "loss": stats.loss, "train_kl": stats.kl, "pg": stats.pg, "clip_frac": stats.clip_frac,
+            "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
+            "kind": cand.kind, "start": cand.note, "seconds": r.timings, **report.as_metrics()}

@@ -1,7 +1,13 @@
-"""The whole simulation: ``run`` (the rounds, the evaluation, the outputs) and ``main``."""
+"""The whole simulation: ``run`` (the rounds, the evaluation, the outputs) and ``main``.
+
+``run`` goes through its phases in order: set-up (the store, the policy, the chat core, the
+learner), the base model on the extra evaluation prompts, the rounds (ask, vote, train,
+hot-swap), the final evaluation, and the report (JSON, plot, summary) and clean-up.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import logging
@@ -10,26 +16,78 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bot import process
 
 from .cli import build_parser, check_args, make_configs
 from .metrics import measure, reply_stats, version_kl
 from .people import Asked, ask_all, eval_extra_prompts, load_prompts, sample_prompts, vote_all
 from .report import examples, plot, print_row, print_summary, same_prompt_eval, write_json
-from .tastes import parse_taste
+from .tastes import Taste, parse_taste
+
+if TYPE_CHECKING:
+    from bot.chat import ChatCore
+    from bot.config import Config
+    from bot.policy import Policy
+    from bot.store import Store
+    from trainer.config import TrainerConfig
+    from trainer.learner import Learner
 
 log = logging.getLogger("trainer.simulate")
 
 
+@dataclass
+class _Sim:
+    """One simulation: its settings, and the live pieces its phases share."""
+
+    args: argparse.Namespace
+    taste: Taste
+    cfg: Config
+    tcfg: TrainerConfig
+    json_path: Path
+    png_path: Path
+    rng: random.Random             # which prompts each round asks
+    vote_rng: random.Random        # the voters' flips
+    tmp: tempfile.TemporaryDirectory | None = None   # the data folder, without --data-dir
+    prompts: list[str] = field(default_factory=list)
+    started: float = 0.0
+    store: Store | None = None
+    policy: Policy | None = None
+    core: ChatCore | None = None
+    learner: Learner | None = None
+    results: dict = field(default_factory=dict)
+
+
 async def run(args) -> dict:
     """The whole simulation; returns (and writes) the results dict."""
-    import torch
-
-    from bot.chat import ChatCore
-    from bot.policy import Policy
     from bot.store import Store
-    from trainer.learner import Learner
-    from trainer.round import run_round
+
+    sim = _setup(args)
+    sim.store = await Store.open(sim.cfg.db_path)
+    try:
+        await _start(sim)
+        round1 = sample_prompts(sim.rng, sim.prompts, args.replies)
+        extra = [] if args.no_eval else eval_extra_prompts(sim.prompts, round1, args.eval_extra, args.seed)
+        if extra:
+            await _base_eval(sim, extra)
+        first_asked, last_asked = await _rounds(sim, round1)
+        if not args.no_eval:
+            last_asked = await _final_eval(sim, first_asked, extra)
+        return await _report(sim, first_asked, last_asked)
+    finally:
+        await _clean_up(sim)
+
+
+# -- set-up and clean-up ----------------------------------------------------------
+
+
+def _setup(args) -> _Sim:
+    """The flags checked, the configs, the data folder (a temporary one unless --data-dir),
+    the output paths, the seeds and the prompts."""
+    import torch
 
     check_args(args)
     taste = parse_taste(args.taste)
@@ -42,123 +100,163 @@ async def run(args) -> dict:
         cfg.data_dir = tmp.name
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "simulate.json", out_dir / "learning_curve.png"
-
-    rng = random.Random(args.seed)
-    vote_rng = random.Random(args.seed + 1)
+    sim = _Sim(args, taste, cfg, tcfg, json_path=out_dir / "simulate.json", png_path=out_dir / "learning_curve.png",
+               rng=random.Random(args.seed), vote_rng=random.Random(args.seed + 1), tmp=tmp)
     torch.manual_seed(args.seed)
-    prompts = load_prompts()
-    started = time.monotonic()
+    sim.prompts = load_prompts()
+    sim.started = time.monotonic()
+    return sim
 
-    store = await Store.open(cfg.db_path)
-    policy = core = None
-    try:
-        policy = await asyncio.to_thread(Policy.from_config, cfg)
-        core = ChatCore(cfg, store, policy)
-        await core.sync_version()
-        learner = Learner(cfg, tcfg, progress=False)
-        await asyncio.to_thread(learner.load)
-        results = {
-            "command": "python -m trainer.simulate " + " ".join(getattr(args, "argv", []) or []),
-            "taste": args.taste, "rounds_requested": args.rounds, "replies": args.replies, "voters": args.voters,
-            "flip": args.flip, "seed": args.seed, "train_on": args.train_on,
-            "model": cfg.model.name, "system_prompt": cfg.model.system_prompt,
-            "sampling": dataclasses.asdict(cfg.sampling), "trainer": dataclasses.asdict(tcfg),
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "setup_seconds": round(time.monotonic() - started, 2),
-            "rounds": [], "final": None, "examples": [], "total_seconds": None,
-        }
-        print(f"simulate: taste {args.taste!r}, {args.rounds} rounds x {args.replies} replies, {args.voters} voters, "
-              f"flip {args.flip}, model {cfg.model.name}, data {cfg.data_dir}", flush=True)
-        first_asked: list[Asked] = []
 
-        async def one_round(number, prompt_list: list[str], train: bool,
-                            vote: bool = True) -> tuple[dict, list[Asked]]:
-            t0 = time.monotonic()
-            serving = policy.active_version
-            asked = []
-            for i in range(0, len(prompt_list), args.replies):      # one batch (and queue) at a time
-                asked += await ask_all(core, prompt_list[i:i + args.replies], f"r{number}-{i}")
-            gen_s = time.monotonic() - t0
-            n_votes = await vote_all(core, asked, taste, args.voters, args.flip, vote_rng) if vote else 0
-            row = {"round": number, "serving_version": serving, "serving_kl": await version_kl(store, serving),
-                   **await measure(core, store, asked, taste), "n_votes": n_votes,
-                   "generate_seconds": round(gen_s, 2)}
-            row["kl"] = None
-            row["train"] = None
-            if train:
-                t1 = time.monotonic()
-                res = await run_round(store, cfg, tcfg, learner, use_all=True)
-                await core.sync_version()
-                v = await store.get_version(res.version) if res.version is not None else None
-                m = v.metrics if v else {}
-                row["kl"] = res.kl
-                row["train"] = {"status": res.status, "version": res.version, "kl": res.kl, "loss": res.loss,
-                                "n_replies": res.n_replies, "mean_reward": res.mean_reward, "reason": res.reason,
-                                "train_kl": m.get("train_kl"), "clip_frac": m.get("clip_frac"),
-                                "probe_repetition": m.get("probe_repetition"),
-                                "probe_empty_share": m.get("probe_empty_share"),
-                                "probe_spam_share": m.get("probe_spam_share"), "n_degenerate": m.get("n_degenerate"),
-                                "start": m.get("start"),
-                                "seconds": round(res.seconds, 2), "timings": res.timings,
-                                "wall_seconds": round(time.monotonic() - t1, 2)}
-            row["version_after"] = policy.active_version
-            row["seconds"] = round(time.monotonic() - t0, 2)
-            return row, asked
+async def _start(sim: _Sim) -> None:
+    """The policy, the chat core serving the active version, the learner with its base model;
+    then the results' header and the opening line."""
+    import torch
 
-        async def add_reply_stats(row: dict, asked: list[Asked]) -> None:
-            t0 = time.monotonic()
-            records = [await store.get_reply(a.reply_id) for a in asked if a.reply_id is not None]
-            row.update(await asyncio.to_thread(reply_stats, learner, await store.get_version(row["serving_version"]),
-                                               records))
-            row["reply_stats_seconds"] = round(time.monotonic() - t0, 2)
+    from bot.chat import ChatCore
+    from bot.policy import Policy
+    from trainer.learner import Learner
 
-        round1 = sample_prompts(rng, prompts, args.replies)
-        extra = [] if args.no_eval else eval_extra_prompts(prompts, round1, args.eval_extra, args.seed)
-        if extra:
-            # the base model on the extra evaluation prompts (no votes: nothing here is trained on)
-            row, _ = await one_round("base-eval", extra, train=False, vote=False)
-            results["base_eval"] = row
-            print_row(row)
-        for number in range(1, args.rounds + 1):
-            row, asked = await one_round(number, round1 if number == 1 else sample_prompts(rng, prompts, args.replies),
-                                         train=True)
-            if number == 1:
-                first_asked = asked
-                await add_reply_stats(row, asked)     # the base's own numbers, to compare the final ones with
-            results["rounds"].append(row)
-            print_row(row)
-            write_json(json_path, results)
-        last_asked = asked
-        if not args.no_eval:
-            row, last_asked = await one_round("final", [a.prompt for a in first_asked] + extra, train=False)
-            await add_reply_stats(row, last_asked)
-            results["final"] = row
-            results["eval"] = same_prompt_eval(results["rounds"][0], results.get("base_eval"), row)
-            print_row(row)
-        results["examples"] = examples(first_asked, last_asked, taste, same_prompts=not args.no_eval)
-        results["total_seconds"] = round(time.monotonic() - started, 2)
-        results["store_counts"] = await store.counts()
-        results["png"] = str(png_path)
-        write_json(json_path, results)
-        plot(results, png_path)
-        print_summary(results)
-        print(f"wrote {json_path} and {png_path}", flush=True)
-        return results
-    finally:
-        if policy is not None:
-            policy.close()
-        await store.close()
-        if tmp is not None:
-            tmp.cleanup()
+    args, cfg, tcfg = sim.args, sim.cfg, sim.tcfg
+    sim.policy = await asyncio.to_thread(Policy.from_config, cfg)
+    sim.core = ChatCore(cfg, sim.store, sim.policy)
+    await sim.core.sync_version()
+    sim.learner = Learner(cfg, tcfg, progress=False)
+    await asyncio.to_thread(sim.learner.load)
+    sim.results = {
+        "command": "python -m trainer.simulate " + " ".join(getattr(args, "argv", []) or []),
+        "taste": args.taste, "rounds_requested": args.rounds, "replies": args.replies, "voters": args.voters,
+        "flip": args.flip, "seed": args.seed, "train_on": args.train_on,
+        "model": cfg.model.name, "system_prompt": cfg.model.system_prompt,
+        "sampling": dataclasses.asdict(cfg.sampling), "trainer": dataclasses.asdict(tcfg),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "setup_seconds": round(time.monotonic() - sim.started, 2),
+        "rounds": [], "final": None, "examples": [], "total_seconds": None,
+    }
+    print(f"simulate: taste {args.taste!r}, {args.rounds} rounds x {args.replies} replies, {args.voters} voters, "
+          f"flip {args.flip}, model {cfg.model.name}, data {cfg.data_dir}", flush=True)
+
+
+async def _clean_up(sim: _Sim) -> None:
+    if sim.policy is not None:
+        sim.policy.close()
+    await sim.store.close()
+    if sim.tmp is not None:
+        sim.tmp.cleanup()
+
+
+# -- the phases -------------------------------------------------------------------
+
+
+async def _base_eval(sim: _Sim, extra: list[str]) -> None:
+    """The base model on the extra evaluation prompts (no votes: nothing here is trained on)."""
+    row, _ = await _one_round(sim, "base-eval", extra, train=False, vote=False)
+    sim.results["base_eval"] = row
+    print_row(row)
+
+
+async def _rounds(sim: _Sim, round1: list[str]) -> tuple[list[Asked], list[Asked]]:
+    """The training rounds; returns what round 1 and the last round asked. The JSON is
+    rewritten after every round."""
+    args = sim.args
+    first_asked: list[Asked] = []
+    for number in range(1, args.rounds + 1):
+        prompts = round1 if number == 1 else sample_prompts(sim.rng, sim.prompts, args.replies)
+        row, asked = await _one_round(sim, number, prompts, train=True)
+        if number == 1:
+            first_asked = asked
+            await _add_reply_stats(sim, row, asked)     # the base's own numbers, to compare the final ones with
+        sim.results["rounds"].append(row)
+        print_row(row)
+        write_json(sim.json_path, sim.results)
+    return first_asked, asked
+
+
+async def _final_eval(sim: _Sim, first_asked: list[Asked], extra: list[str]) -> list[Asked]:
+    """The last version on round 1's prompts and the extra ones (votes, no training)."""
+    row, asked = await _one_round(sim, "final", [a.prompt for a in first_asked] + extra, train=False)
+    await _add_reply_stats(sim, row, asked)
+    sim.results["final"] = row
+    sim.results["eval"] = same_prompt_eval(sim.results["rounds"][0], sim.results.get("base_eval"), row)
+    print_row(row)
+    return asked
+
+
+async def _report(sim: _Sim, first_asked: list[Asked], last_asked: list[Asked]) -> dict:
+    """The before/after examples and the totals; the JSON, the plot and the summary."""
+    results = sim.results
+    results["examples"] = examples(first_asked, last_asked, sim.taste, same_prompts=not sim.args.no_eval)
+    results["total_seconds"] = round(time.monotonic() - sim.started, 2)
+    results["store_counts"] = await sim.store.counts()
+    results["png"] = str(sim.png_path)
+    write_json(sim.json_path, results)
+    plot(results, sim.png_path)
+    print_summary(results)
+    print(f"wrote {sim.json_path} and {sim.png_path}", flush=True)
+    return results
+
+
+# -- one round ----------------------------------------------------------------------
+
+
+async def _one_round(sim: _Sim, number, prompt_list: list[str], *, train: bool,
+                     vote: bool = True) -> tuple[dict, list[Asked]]:
+    """Ask ``prompt_list``, vote on the replies and measure them; with ``train`` one trainer
+    round and the hot-swap. Returns the round's row and what was asked."""
+    args, core = sim.args, sim.core
+    t0 = time.monotonic()
+    serving = sim.policy.active_version
+    asked = []
+    for i in range(0, len(prompt_list), args.replies):      # one batch (and queue) at a time
+        asked += await ask_all(core, prompt_list[i:i + args.replies], f"r{number}-{i}")
+    gen_s = time.monotonic() - t0
+    n_votes = await vote_all(core, asked, sim.taste, args.voters, args.flip, sim.vote_rng) if vote else 0
+    row = {"round": number, "serving_version": serving, "serving_kl": await version_kl(sim.store, serving),
+           **await measure(core, sim.store, asked, sim.taste), "n_votes": n_votes,
+           "generate_seconds": round(gen_s, 2)}
+    row["kl"] = None
+    row["train"] = None
+    if train:
+        row["train"] = await _train_and_swap(sim)
+        row["kl"] = row["train"]["kl"]
+    row["version_after"] = sim.policy.active_version
+    row["seconds"] = round(time.monotonic() - t0, 2)
+    return row, asked
+
+
+async def _train_and_swap(sim: _Sim) -> dict:
+    """One trainer round on every rated reply, then the hot-swap; the row's ``train`` part."""
+    from trainer.round import run_round
+
+    t1 = time.monotonic()
+    res = await run_round(sim.store, sim.cfg, sim.tcfg, sim.learner, use_all=True)
+    await sim.core.sync_version()
+    v = await sim.store.get_version(res.version) if res.version is not None else None
+    m = v.metrics if v else {}
+    return {"status": res.status, "version": res.version, "kl": res.kl, "loss": res.loss,
+            "n_replies": res.n_replies, "mean_reward": res.mean_reward, "reason": res.reason,
+            "train_kl": m.get("train_kl"), "clip_frac": m.get("clip_frac"),
+            "probe_repetition": m.get("probe_repetition"),
+            "probe_empty_share": m.get("probe_empty_share"),
+            "probe_spam_share": m.get("probe_spam_share"), "n_degenerate": m.get("n_degenerate"),
+            "start": m.get("start"),
+            "seconds": round(res.seconds, 2), "timings": res.timings,
+            "wall_seconds": round(time.monotonic() - t1, 2)}
+
+
+async def _add_reply_stats(sim: _Sim, row: dict, asked: list[Asked]) -> None:
+    """The served version's own numbers on its replies (reply_stats) added to ``row``."""
+    t0 = time.monotonic()
+    records = [await sim.store.get_reply(a.reply_id) for a in asked if a.reply_id is not None]
+    version = await sim.store.get_version(row["serving_version"])
+    row.update(await asyncio.to_thread(reply_stats, sim.learner, version, records))
+    row["reply_stats_seconds"] = round(time.monotonic() - t0, 2)
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.setup_logging(logging.INFO if args.verbose else logging.WARNING)
     return asyncio.run(run(args))
-
