@@ -1,13 +1,13 @@
 """The Discord adapter end to end: the real discord.py client against the loopback fake
-Discord (tests/fakes/discord_server.py), with the real ChatCore, Store and Policy on the
+Discord (tests/fakes/discord/), with the real ChatCore, Store and Policy on the
 tiny random model. Nothing of the project is mocked; assertions read the fake's records
-(what reached "Discord") and the SQLite file (what the trainer will see)."""
+(what reached "Discord"), the SQLite file (what the trainer will see) and what the real
+ChatCore.on_reaction returned for each reaction (recorded around the call)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,11 @@ import pytest_asyncio
 from bot.adapters.discord import LIMIT, DiscordAdapter, split_text
 from bot.chat import ChatCore
 from bot.config import Config, validate
+from bot.events import Reaction
 from bot.policy import Policy
 from bot.store import Store
 from tests.conftest import make_config
-from tests.fakes.discord_server import (
+from tests.fakes.discord import (
     ALICE_ID,
     BOB_ID,
     BOT_CHAT_ID,
@@ -35,7 +36,6 @@ from tests.fakes.discord_server import (
 
 UP, DOWN = "\N{THUMBS UP SIGN}", "\N{THUMBS DOWN SIGN}"
 OTHER_BOT_ID = 3001
-ADAPTER_LOG = "bot.adapters.discord"
 
 
 # -- harness --------------------------------------------------------------------------
@@ -88,26 +88,34 @@ async def eventually(fn, timeout: float = 10.0, interval: float = 0.02):
         await asyncio.sleep(interval)
 
 
-_outcomes: list[logging.LogRecord] = []
+# What the real ChatCore.on_reaction returned for each reaction event the adapter handed it,
+# in order; start_bot records them around the real call. Once an outcome is here the event has
+# been fully handled (a barrier), including the ones that change nothing in the store.
+_outcomes: list[tuple[Reaction, str]] = []
 
 
-class _Collect(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        _outcomes.append(record)
+def record_reaction_outcomes(core: ChatCore) -> None:
+    """Keep what ``core.on_reaction`` returns; the real method still does all the work."""
+    real = core.on_reaction
+
+    async def on_reaction(reaction: Reaction) -> str:
+        outcome = await real(reaction)
+        _outcomes.append((reaction, outcome))
+        return outcome
+
+    core.on_reaction = on_reaction
 
 
 async def reaction_outcome(message_id: int, user_id: int, emoji: str, since: int = 0,
                            timeout: float = 10.0) -> str:
     """What ChatCore answered for the first reaction event of ``user_id`` with ``emoji`` on
-    ``message_id`` logged after record number ``since``, read from the adapter's debug log
-    (a barrier: once logged, the event has been fully handled)."""
-    key = f" on {message_id} by {user_id}: "
+    ``message_id`` after event number ``since`` (waits for it)."""
+    key = (str(message_id), str(user_id), emoji)
 
     async def found():
-        for r in _outcomes[since:]:
-            text = r.getMessage()
-            if r.name == ADAPTER_LOG and text.startswith(f"reaction {emoji} ") and key in text:
-                return text.split(key, 1)[1]
+        for reaction, outcome in _outcomes[since:]:
+            if (reaction.message_id, reaction.user_id, reaction.emoji) == key:
+                return outcome
         return None
 
     return await eventually(found, timeout)
@@ -119,18 +127,6 @@ async def react(fake: FakeDiscord, channel_id: int, message_id, user_id: int, em
     mark = len(_outcomes)
     await fake.react(channel_id, message_id, user_id, emoji, add, **kw)
     return await reaction_outcome(int(message_id), user_id, emoji, since=mark)
-
-
-@pytest.fixture(autouse=True)
-def _adapter_log():
-    logger = logging.getLogger(ADAPTER_LOG)
-    handler, old = _Collect(level=logging.DEBUG), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    _outcomes.clear()
-    yield
-    logger.removeHandler(handler)
-    logger.setLevel(old)
 
 
 def discord_config(tmp_path: Path, model_dir: Path, **sections) -> Config:
@@ -150,6 +146,7 @@ async def fake():
 async def start_bot(fake, tmp_path, tiny_model_dir):
     """``await start_bot(background=False, model_dir=None, **config sections)`` → a running Bot."""
     stack = contextlib.AsyncExitStack()
+    _outcomes.clear()
 
     async def start(*, background: bool = False, model_dir: Path | None = None, **sections) -> Bot:
         cfg = discord_config(tmp_path, model_dir or tiny_model_dir, **sections)
@@ -158,6 +155,7 @@ async def start_bot(fake, tmp_path, tiny_model_dir):
         policy = Policy.from_config(cfg)
         stack.callback(policy.close)
         core = ChatCore(cfg, store, policy)
+        record_reaction_outcomes(core)
         adapter = DiscordAdapter(core, cfg, guild_ready_timeout=0.1)
         await stack.enter_async_context(running_client(fake, adapter.client, token=FAKE_TOKEN))
         if background:
@@ -309,11 +307,7 @@ async def test_system_messages_are_ignored(start_bot):
     """A member joining posts a system message (type 7) in the channel; it is not a question."""
     bot = await start_bot()
     fake = bot.fake
-    fake.add_member(4001)
-    # the fake has no public call for system messages: build one the way user_message does
-    join = fake._new_message(BOT_CHAT_ID, 4001, "", msg_type=7)
-    fake._store_message(join)
-    await fake.dispatch("MESSAGE_CREATE", fake._gateway_message(join))
+    await fake.system_message(BOT_CHAT_ID, 4001, msg_type=7)          # 4001 joined the server
     await fake.expect_no_bot_message(within=0.7)
     assert await bot.count("messages") == 0
 
@@ -323,9 +317,7 @@ async def test_message_deleted_before_the_reply(start_bot):
     bot = await start_bot()
     fake = bot.fake
     msg = await fake.user_message(BOT_CHAT_ID, BOB_ID, "oops, never mind")
-    # the fake has no public call for a user deleting a message: do what its REST delete does
-    fake._remove_message(fake.get_message(int(msg["id"])))
-    await fake._dispatch_delete(msg)
+    await fake.delete_message(BOT_CHAT_ID, msg["id"])
     reply = await fake.wait_bot_message(BOT_CHAT_ID, timeout=20)
     assert "message_reference" not in reply and reply["content"]
     rid = await bot.reply_id(reply)

@@ -1,4 +1,4 @@
-"""Proves tests/fakes/discord_server.py works with the real, unpatched discord.py
+"""Proves the fake Discord (tests/fakes/discord/) works with the real, unpatched discord.py
 client (only the REST base URL and gateway URL are pointed at the fake)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 from discord import app_commands
 
-from tests.fakes.discord_server import (
+from tests.fakes.discord import (
     ADMIN_ROLE_ID,
     ALICE_ID,
     BOB_ID,
@@ -25,8 +25,6 @@ from tests.fakes.discord_server import (
     SlashNotPermitted,
     running_client,
 )
-
-pytestmark = pytest.mark.asyncio
 
 GUILD = discord.Object(id=GUILD_ID)
 

@@ -40,7 +40,6 @@ async def next_item(queue: asyncio.Queue, timeout: float = 5):
     return await asyncio.wait_for(queue.get(), timeout)
 
 
-@pytest.mark.asyncio
 async def test_connects_with_app_token(fake, bolt):
     assert fake.connected
     assert fake.connection_count == 1
@@ -49,7 +48,6 @@ async def test_connects_with_app_token(fake, bolt):
     assert open_call.response == {"ok": True, "url": fake.ws_url}
 
 
-@pytest.mark.asyncio
 async def test_app_mention_threaded_reply_and_both_events_delivered(fake, bolt):
     app, _ = bolt
     mentions: asyncio.Queue = asyncio.Queue()
@@ -95,7 +93,6 @@ async def test_app_mention_threaded_reply_and_both_events_delivered(fake, bolt):
     assert fake.unknown_calls == []
 
 
-@pytest.mark.asyncio
 async def test_mention_in_dm_sends_only_message_event(fake, bolt):
     app, _ = bolt
     seen: asyncio.Queue = asyncio.Queue()
@@ -117,7 +114,6 @@ async def test_mention_in_dm_sends_only_message_event(fake, bolt):
     assert not any(e.event and e.event["type"] == "app_mention" for e in fake.envelopes)
 
 
-@pytest.mark.asyncio
 async def test_other_bot_message_subtype(fake, bolt):
     app, _ = bolt
     events: asyncio.Queue = asyncio.Queue()
@@ -142,7 +138,6 @@ async def test_other_bot_message_subtype(fake, bolt):
     assert events.empty()
 
 
-@pytest.mark.asyncio
 async def test_reactions_reach_handlers(fake, bolt):
     app, _ = bolt
     added: asyncio.Queue = asyncio.Queue()
@@ -192,7 +187,6 @@ async def test_reactions_reach_handlers(fake, bolt):
     assert fake.bot_reactions == [{"channel": "C1", "ts": ts, "name": "eyes", "removed": True}]
 
 
-@pytest.mark.asyncio
 async def test_slash_command_ack_and_respond(fake, bolt):
     app, _ = bolt
 
@@ -209,7 +203,6 @@ async def test_slash_command_ack_and_respond(fake, bolt):
     assert response["response_type"] == "ephemeral"
 
 
-@pytest.mark.asyncio
 async def test_slash_command_bare_ack(fake, bolt):
     app, _ = bolt
 
@@ -223,7 +216,6 @@ async def test_slash_command_bare_ack(fake, bolt):
     assert record.payload["response_url"] == f"{fake.base_url}/respond/{record.envelope_id}"
 
 
-@pytest.mark.asyncio
 async def test_unhandled_event_is_never_acked(fake, bolt):
     """Gotcha: bolt answers 404 for an event no listener matches, and the
     Socket Mode adapter then sends no ack at all (real Slack would retry)."""
@@ -241,7 +233,6 @@ async def test_unhandled_event_is_never_acked(fake, bolt):
         await fake.wait_ack(msg_env, timeout=0.5)
 
 
-@pytest.mark.asyncio
 async def test_conversations_replies_and_history(fake, bolt):
     app, _ = bolt
 
@@ -273,7 +264,6 @@ async def test_conversations_replies_and_history(fake, bolt):
     assert err.value.response["error"] == "thread_not_found"
 
 
-@pytest.mark.asyncio
 async def test_misc_web_api(fake):
     client = fake.make_client()
     user = (await client.users_info(user="UADMIN"))["user"]
@@ -316,7 +306,6 @@ async def test_misc_web_api(fake):
     assert err.value.response["error"] == "invalid_auth"
 
 
-@pytest.mark.asyncio
 async def test_rate_limit_is_retried_by_retry_handler(fake):
     fake.rate_limit("chat.postMessage", times=1, retry_after=1)
     plain = fake.make_client()
@@ -335,7 +324,6 @@ async def test_rate_limit_is_retried_by_retry_handler(fake):
     assert [m["text"] for m in fake.bot_messages] == ["with retry"]
 
 
-@pytest.mark.asyncio
 async def test_reconnect_after_disconnect_message(fake, bolt):
     app, _ = bolt
     got: asyncio.Queue = asyncio.Queue()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 from bot.store import ReplyRecord
 from tests.trainer_helpers import add_rated, prompt_ids, seq_logprob, tiny_config, token_logps, trainer_config
 from trainer.config import TrainerConfig
@@ -84,7 +82,6 @@ def test_gate_order_and_other_failures():
     assert judge([LOOP] * 8, 0.01, t).reason.startswith("repetition 0.")
 
 
-@pytest.mark.asyncio
 async def test_a_round_learns_liked_spam_as_disliked(tmp_path, tiny_model_dir, store_for):
     """Every reply is liked; the two whose text is emoji spam are learned from as disliked, so the
     round makes their tokens less likely and says so in its summary."""
@@ -108,5 +105,5 @@ async def test_a_round_learns_liked_spam_as_disliked(tmp_path, tiny_model_dir, s
     assert result.summary().startswith("v1 published: 4 rated replies (2 degenerate, counted as disliked), "
                                        "mean reward +0.00")
     assert (await store.get_version(1)).metrics["n_degenerate"] == 2
-    model, _, _, _ = learner.candidate(await store.get_version(1), seed=0)
+    model = learner.candidate(await store.get_version(1), seed=0).model
     assert seq_logprob(model, prompt, spam) < before - 0.1

@@ -7,7 +7,6 @@ import copy
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -86,7 +85,6 @@ def test_read_optimizer_checks_the_sha256(tmp_path):
     assert read_optimizer(tmp_path, sha)[1] == f"{OPTIMIZER_FILE} is missing"
 
 
-@pytest.mark.asyncio
 async def test_the_next_round_continues_the_parents_optimizer(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1, "keep_optimizer": True})
     tcfg = trainer_config(cfg)

@@ -13,7 +13,7 @@ from bot.policy import Policy
 from bot.rewards import THUMBS_DOWN, THUMBS_UP
 from bot.store import Store
 from tests.conftest import make_config
-from tests.fakes.discord_server import BOB_ID, FAKE_TOKEN, GENERAL_ID, FakeDiscord
+from tests.fakes.discord import BOB_ID, FAKE_TOKEN, GENERAL_ID, FakeDiscord
 from tests.fakes.slack_server import FakeSlack
 from tests.test_slack import until
 

@@ -10,29 +10,19 @@ import pytest
 from bot.chat import BUSY_TEXT, ERROR_TEXT, ChatCore
 from bot.events import Command, Message
 from bot.policy import Policy
-from tests.trainer_helpers import (add_rated, prompt_ids, tiny_config,
-                                   token_logps, trainer_config)
+from tests.trainer_helpers import CONSOLE, seed_rated, tiny_config, trainer_config
 from trainer.learner import Learner
 from trainer.round import run_round
 
 
-async def seed(store, learner, n: int = 6):
-    learner.load()
-    tok = learner.tokenizer
-    p = prompt_ids(tok, "hello there")
-    for i in range(n):
-        out = tok.encode(" yes sure" if i % 2 else " no bad", add_special_tokens=False) + [tok.eos_token_id]
-        await add_rated(store, p, out, token_logps(learner.base, p, out), 1.0 if i % 2 else -1.0)
-
-
-@pytest.mark.asyncio
 async def test_hot_swap_under_load(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 2},
                       serving={"queue_size": 64, "batch_size": 4, "poll_seconds": 0.05})
     tcfg = trainer_config(cfg)
     store = await store_for(cfg)
     learner = Learner(cfg, tcfg)
-    await seed(store, learner)
+    learner.load()
+    await seed_rated(store, learner.tokenizer, 6, base=learner.base)
     policy = Policy.from_config(cfg)
     core = ChatCore(cfg, store, policy)
     events: list[tuple[str, int, int | None]] = []      # (phase at start, seq, reply id); order = finish order
@@ -50,7 +40,7 @@ async def test_hot_swap_under_load(tmp_path, tiny_model_dir, store_for):
         while not stop.is_set():
             seq += 1
             started = phase["now"]
-            rid = await core.on_message(Message("console", f"{name}-{seq}", "c", name, name, f"hi {seq}"), [], send)
+            rid = await core.on_message(Message("console", f"{name}-{seq}", "c", name, name, f"hi {seq}", **CONSOLE), [], send)
             events.append((started, phase["now"], rid))
 
     try:
@@ -85,13 +75,13 @@ async def test_hot_swap_under_load(tmp_path, tiny_model_dir, store_for):
     assert set(versions.values()) <= {0, 1}
 
 
-@pytest.mark.asyncio
 async def test_rollback_and_rejected_versions(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1})
     tcfg = trainer_config(cfg)
     store = await store_for(cfg)
     learner = Learner(cfg, tcfg)
-    await seed(store, learner)
+    learner.load()
+    await seed_rated(store, learner.tokenizer, 6, base=learner.base)
     policy = Policy.from_config(cfg)
     try:
         core = ChatCore(cfg, store, policy)
@@ -100,20 +90,20 @@ async def test_rollback_and_rejected_versions(tmp_path, tiny_model_dir, store_fo
         await core.sync_version()
         assert policy.active_version == 2
 
-        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 1}))
+        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 1}, is_platform_admin=True))
         assert out.ok and out.text == "Rolled back: now serving v1."
         assert policy.active_version == 1 and await store.active_version() == 1
 
         async def send(text):
             return ["x"]
 
-        rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello"), [], send)
+        rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello", **CONSOLE), [], send)
         assert (await store.get_reply(rid)).version == 1
 
         strict = dataclasses.replace(tcfg, max_kl=1e-9)
         rejected = await run_round(store, cfg, strict, learner, use_all=True)
         assert rejected.status == "rejected" and rejected.version == 3 and rejected.parent == 1
-        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 3}))
+        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 3}, is_platform_admin=True))
         assert not out.ok and "rejected" in out.text
         with pytest.raises(ValueError, match="rejected"):
             await store.activate(3)

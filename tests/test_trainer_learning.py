@@ -13,7 +13,7 @@ from bot.chat import ChatCore
 from bot.events import Message
 from bot.models import load_model_and_tokenizer, sha256_file
 from bot.policy import Policy, Turn
-from tests.trainer_helpers import (add_rated, prompt_ids, seq_logprob, tiny_config,
+from tests.trainer_helpers import (CONSOLE, add_rated, prompt_ids, seq_logprob, tiny_config,
                                    token_logps, trainer_config)
 from trainer.data import collate, make_examples, reply_logits, tempered
 from trainer.gates import PROBES, probe_kl, render_prompt
@@ -39,7 +39,6 @@ async def seed_preferences(store, model, tok, copies: int = 2):
     return prompts, good, bad
 
 
-@pytest.mark.asyncio
 async def test_recomputed_logprobs_equal_recorded_ones(tmp_path, tiny_model_dir, store_for):
     """The batch layout reproduces the bot's sampling distribution exactly (ratio 1 before any
     step), for replies of different lengths, prompt lengths and temperatures in one batch."""
@@ -69,7 +68,6 @@ async def test_recomputed_logprobs_equal_recorded_ones(tmp_path, tiny_model_dir,
     assert torch.equal(batch.advantages, torch.zeros(6))
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("kl_estimator", ["full", "k3"])
 async def test_round_makes_liked_reply_likelier_and_disliked_less_likely(tmp_path, tiny_model_dir, store_for,
                                                                          kl_estimator):
@@ -90,7 +88,8 @@ async def test_round_makes_liked_reply_likelier_and_disliked_less_likely(tmp_pat
     assert result.summary().startswith("v1 published: 16 rated replies, mean reward +0.00, KL ")
     assert await store.active_version() == 1
     # the published adapter, loaded back through the verified path the trainer uses to continue
-    model, kind, reference, note = learner.candidate(await store.get_version(1), seed=0)
+    cand = learner.candidate(await store.get_version(1), seed=0)
+    model, kind, reference, note = cand.model, cand.kind, cand.reference, cand.note
     assert (kind, reference, note) == ("lora", None, "continuing v1 (lora)")
     for i, p in enumerate(prompts):
         assert seq_logprob(model, p, good) > before[(i, "good")] + 0.1
@@ -120,7 +119,6 @@ async def test_round_makes_liked_reply_likelier_and_disliked_less_likely(tmp_pat
     assert (await store.get_version(2)).metrics["start"] == "continuing v1 (lora)"
 
 
-@pytest.mark.asyncio
 async def test_fewer_than_two_rated_replies_skip(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir)
     store = await store_for(cfg)
@@ -131,7 +129,6 @@ async def test_fewer_than_two_rated_replies_skip(tmp_path, tiny_model_dir, store
     assert [r["status"] for r in await store.rounds()] == ["skipped"]
 
 
-@pytest.mark.asyncio
 async def test_identical_rewards_carry_no_signal_and_skip(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir)
     store = await store_for(cfg)
@@ -142,7 +139,6 @@ async def test_identical_rewards_carry_no_signal_and_skip(tmp_path, tiny_model_d
     assert [v.id for v in await store.versions()] == [0]
 
 
-@pytest.mark.asyncio
 async def test_unsettled_replies_wait_unless_use_all(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"settle_seconds": 3600.0})
     tcfg = trainer_config(cfg)
@@ -154,7 +150,6 @@ async def test_unsettled_replies_wait_unless_use_all(tmp_path, tiny_model_dir, s
     assert (await run_round(store, cfg, tcfg, learner, use_all=True)).status == "published"
 
 
-@pytest.mark.asyncio
 async def test_nan_aborts_the_round_and_publishes_nothing(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir)
     tcfg = trainer_config(cfg)
@@ -171,7 +166,6 @@ async def test_nan_aborts_the_round_and_publishes_nothing(tmp_path, tiny_model_d
     assert (await store.rounds())[0]["status"] == "failed"
 
 
-@pytest.mark.asyncio
 async def test_stop_event_aborts_mid_training(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1000})
     tcfg = trainer_config(cfg)
@@ -187,7 +181,6 @@ async def test_stop_event_aborts_mid_training(tmp_path, tiny_model_dir, store_fo
     assert not cfg.versions_dir.exists() or not any(cfg.versions_dir.iterdir())
 
 
-@pytest.mark.asyncio
 async def test_gate_rejects_a_candidate_that_drifts_too_far(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"max_kl": 1e-9})
     tcfg = trainer_config(cfg)
@@ -205,7 +198,6 @@ async def test_gate_rejects_a_candidate_that_drifts_too_far(tmp_path, tiny_model
     assert not cfg.versions_dir.exists() or not any(cfg.versions_dir.iterdir())
 
 
-@pytest.mark.asyncio
 async def test_full_finetune_round_publishes_weights_the_bot_serves(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"full_finetune": True, "lr": 1e-3, "epochs": 2})
     tcfg = trainer_config(cfg)
@@ -229,7 +221,7 @@ async def test_full_finetune_round_publishes_weights_the_bot_serves(tmp_path, ti
             sent.append(text)
             return ["p1"]
 
-        rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello"), [], send)
+        rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello", **CONSOLE), [], send)
         assert (await store.get_reply(rid)).version == 1
     finally:
         policy.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import pytest
-
 from tests.trainer_helpers import add_rated, tiny_config, trainer_config
 from trainer.__main__ import ATTEMPTED_KEY, Trainer
 
@@ -16,7 +14,6 @@ async def rate(store, rewards, created_at=None):
         await add_rated(store, [1, 2, 3], [4, 5, 6], [-1.0, -1.0, -1.0], r, created_at=created_at)
 
 
-@pytest.mark.asyncio
 async def test_scheduled_rounds_wait_for_enough_new_settled_ratings(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"min_new_ratings": 4, "settle_seconds": 60.0})
     trainer = Trainer(cfg, trainer_config(cfg))
@@ -44,7 +41,6 @@ async def test_scheduled_rounds_wait_for_enough_new_settled_ratings(tmp_path, ti
     assert len(await store.rounds()) == 2
 
 
-@pytest.mark.asyncio
 async def test_pending_requests_share_one_round(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"settle_seconds": 3600.0})
     trainer = Trainer(cfg, trainer_config(cfg))
@@ -62,7 +58,6 @@ async def test_pending_requests_share_one_round(tmp_path, tiny_model_dir, store_
 
 
 
-@pytest.mark.asyncio
 async def test_a_request_with_nothing_to_learn_is_answered(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir)
     trainer = Trainer(cfg, trainer_config(cfg))

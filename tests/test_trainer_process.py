@@ -10,16 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from transformers import AutoTokenizer
 
-from tests.trainer_helpers import (add_rated, prompt_ids, tiny_config,
-                                   toml_text)
+from tests.trainer_helpers import seed_rated, tiny_config, toml_text
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def start_trainer(config: Path, *args: str, log: Path) -> subprocess.Popen:
+    """``python -m trainer``; its stderr (the log) goes to ``log``, read only to explain a failure
+    or where the printed message is what is tested."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("REACTLEARN_CONFIG", None)
     return subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(config), *args], cwd=REPO, env=env,
@@ -39,33 +39,24 @@ async def exit_code(proc: subprocess.Popen, timeout: float = 60.0) -> int:
     return await asyncio.to_thread(proc.wait, timeout)
 
 
-async def seed(store, cfg, n: int = 16):
-    tok = AutoTokenizer.from_pretrained(cfg.model.name)
-    for i in range(n):
-        p = prompt_ids(tok, f"hello there {i}")
-        out = tok.encode(" yes sure" if i % 2 else " no bad", add_special_tokens=False) + [tok.eos_token_id]
-        await add_rated(store, p, out, [-1.0] * len(out), 1.0 if i % 2 else -1.0)
-
-
-@pytest.mark.asyncio
 async def test_sigterm_mid_round_publishes_nothing_and_next_start_serves_the_request(tmp_path, tiny_model_dir,
                                                                                      store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1000, "interval_seconds": 3600.0})
     config = tmp_path / "reactlearn.toml"
     config.write_text(toml_text(cfg))
     store = await store_for(cfg)
-    await seed(store, cfg)
+    await seed_rated(store, AutoTokenizer.from_pretrained(cfg.model.name), 16, prompt="hello there {i}")
     rid = await store.add_train_request("console", "c", "admin")
     log = tmp_path / "trainer1.log"
     proc = start_trainer(config, log=log)
     try:
-        async def training():
-            return b"candidate: lora" in log.read_bytes()
-        await wait_for(training, what="the round to start training")
-        beat = float(await store.get_state("trainer_heartbeat"))
+        async def round_running():   # the round's row, written when it starts
+            return [r["status"] for r in await store.rounds()] == ["running"]
+        await wait_for(round_running, what="the round to start")
+        beat = float(await store.get_state("trainer_heartbeat", "0"))
 
         async def beat_moved():   # heartbeats go on while the round computes
-            return float(await store.get_state("trainer_heartbeat")) > beat
+            return float(await store.get_state("trainer_heartbeat", "0")) > beat
         await wait_for(beat_moved, what="a heartbeat during the round")   # 60 s: a loaded CI box is slow, not broken
         assert (await store.train_requests())[0]["status"] == "running"
         proc.send_signal(signal.SIGTERM)
@@ -73,8 +64,7 @@ async def test_sigterm_mid_round_publishes_nothing_and_next_start_serves_the_req
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = log.read_text()
-    assert "SIGTERM: stopping" in text and "trainer stopped" in text
+    # a clean stop (exit code 0 above); the interrupted round published nothing and gave its request back
     assert [v.id for v in await store.versions()] == [0] and await store.active_version() == 0
     assert not cfg.versions_dir.exists() or not [p for p in cfg.versions_dir.iterdir() if p.name.startswith("v")]
     req = (await store.train_requests())[0]
@@ -97,7 +87,6 @@ async def test_sigterm_mid_round_publishes_nothing_and_next_start_serves_the_req
     assert await store.active_version() == 1 and (cfg.versions_dir / "v0001" / "meta.json").is_file()
 
 
-@pytest.mark.asyncio
 async def test_second_instance_exits_with_a_clear_message(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"interval_seconds": 3600.0})
     config = tmp_path / "reactlearn.toml"

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from bot.chat import ChatCore
 from bot.events import Command, Message
 from bot.policy import Policy
-from tests.trainer_helpers import (add_rated, prompt_ids, tiny_config,
-                                   token_logps, trainer_config)
-from trainer.publish import clean_stale, prune, publish, stage, version_dirname
+from tests.trainer_helpers import CONSOLE, add_rated, seed_rated, tiny_config, trainer_config
+from bot.versions import dirname as version_dirname
+from trainer.publish import clean_stale, prune, publish, stage
 from trainer.learner import Learner
 from trainer.round import run_round
-
-
-async def seed(store, learner, n: int = 4):
-    learner.load()
-    tok = learner.tokenizer
-    p = prompt_ids(tok, "hello there")
-    for i in range(n):
-        out = tok.encode(" yes sure" if i % 2 else " no bad", add_special_tokens=False) + [tok.eos_token_id]
-        await add_rated(store, p, out, token_logps(learner.base, p, out), 1.0 if i % 2 else -1.0)
 
 
 class Crash(Exception):
@@ -34,13 +23,13 @@ def visible_versions(cfg) -> list[str]:
     return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
 
 
-@pytest.mark.asyncio
 async def test_crash_before_rename_leaves_no_visible_version(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1})
     tcfg = trainer_config(cfg)
     store = await store_for(cfg)
     learner = Learner(cfg, tcfg)
-    await seed(store, learner)
+    learner.load()
+    await seed_rated(store, learner.tokenizer, 4, base=learner.base)
     seen = []
 
     def crash(tmp):
@@ -54,7 +43,8 @@ async def test_crash_before_rename_leaves_no_visible_version(tmp_path, tiny_mode
     assert [v.id for v in await store.versions()] == [0] and await store.active_version() == 0
 
     # a real crash cannot clean up: the files were written, the rename never happened
-    model, kind, _, _ = learner.candidate(None, seed=0)
+    cand = learner.candidate(None, seed=0)
+    model, kind = cand.model, cand.kind
     tmp, sha = stage(cfg.versions_dir, 1, model, kind, {})
     assert tmp.name == f".tmp-v0001-{os.getpid()}" and (tmp / "adapter_model.safetensors").is_file()
     # ... or it crashed after the rename, before the registry row was committed
@@ -69,13 +59,13 @@ async def test_crash_before_rename_leaves_no_visible_version(tmp_path, tiny_mode
     assert result.status == "published" and visible_versions(cfg) == ["v0001"]
 
 
-@pytest.mark.asyncio
 async def test_tampered_weights_are_refused_and_the_old_version_keeps_serving(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1})
     tcfg = trainer_config(cfg)
     store = await store_for(cfg)
     learner = Learner(cfg, tcfg)
-    await seed(store, learner)
+    learner.load()
+    await seed_rated(store, learner.tokenizer, 4, base=learner.base)
     assert (await run_round(store, cfg, tcfg, learner, use_all=True)).status == "published"
     policy = Policy.from_config(cfg)
     try:
@@ -100,7 +90,7 @@ async def test_tampered_weights_are_refused_and_the_old_version_keeps_serving(tm
             sent.append(text)
             return [f"p{len(sent)}"]
 
-        rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello"), [], send)
+        rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello", **CONSOLE), [], send)
         assert rid is not None and (await store.get_reply(rid)).version == 1
         status = (await core.on_command(Command("console", "c", "u", "status"))).text
         assert "Active version: v2 (serving v1)" in status
@@ -112,12 +102,12 @@ async def test_tampered_weights_are_refused_and_the_old_version_keeps_serving(tm
         policy.close()
 
 
-@pytest.mark.asyncio
 async def test_prune_keeps_newest_and_the_active_version_with_its_parent(tmp_path, tiny_model_dir, store_for):
     cfg = tiny_config(tmp_path, tiny_model_dir)
     store = await store_for(cfg)
     learner = Learner(cfg, trainer_config(cfg))
-    model, kind, _, _ = learner.candidate(None, seed=0)
+    cand = learner.candidate(None, seed=0)
+    model, kind = cand.model, cand.kind
     for v in range(1, 6):
         await publish(store, cfg.versions_dir, version=v, parent=v - 1, model=model, kind=kind, meta={},
                       metrics={"last_reply_id": 0})
@@ -130,10 +120,10 @@ async def test_prune_keeps_newest_and_the_active_version_with_its_parent(tmp_pat
     policy = Policy.from_config(cfg)
     try:
         core = ChatCore(cfg, store, policy)
-        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 1}))
+        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 1}, is_platform_admin=True))
         assert not out.ok and "pruned" in out.text
         assert await store.active_version() == 3
-        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 2}))
+        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 2}, is_platform_admin=True))
         assert out.ok and policy.active_version == 2
     finally:
         policy.close()

@@ -83,6 +83,23 @@ async def add_rated(store: Store, prompt: list[int], output: list[int], logprobs
     return rid
 
 
+async def seed_rated(store: Store, tokenizer, n: int, *, base=None, prompt: str = "hello there") -> list[int]:
+    """``n`` rated replies in the real store, alternating: even i " no bad" 👎, odd i " yes sure" 👍
+    (each output ends with EOS). Returns their reply ids.
+
+    ``prompt`` is formatted with ``i`` ("hello there {i}" gives every reply its own prompt).
+    The recorded behaviour logprobs are ``base``'s (a plain forward pass at 0.8, as the bot
+    would have sampled them), or -1.0 per token without a model."""
+    ids = []
+    for i in range(n):
+        liked = i % 2 == 1
+        p = prompt_ids(tokenizer, prompt.format(i=i))
+        out = tokenizer.encode(" yes sure" if liked else " no bad", add_special_tokens=False) + [tokenizer.eos_token_id]
+        logps = token_logps(base, p, out) if base is not None else [-1.0] * len(out)
+        ids.append(await add_rated(store, p, out, logps, 1.0 if liked else -1.0))
+    return ids
+
+
 @pytest_asyncio.fixture
 async def store_for(tmp_path):
     """Factory fixture: ``await store_for(cfg)`` opens the real SQLite store; closed at teardown."""
@@ -96,3 +113,9 @@ async def store_for(tmp_path):
     yield open_
     for s in opened:
         await s.close()
+
+
+# What the console adapter puts on a playground message (bot/adapters/console.py): every line
+# is addressed to the bot and one person is not rate limited. For tests that call the core as
+# the console does.
+CONSOLE = dict(mentions_bot=True, rate_limited=False)

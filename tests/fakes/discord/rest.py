@@ -1,0 +1,272 @@
+"""The fake's HTTP REST API under ``/api/v10``: the request middleware (bot-token auth, the
+request log, bugs inside the fake answered as HTTP 400), Discord-shaped JSON errors, the routes
+discord.py calls for what the tests do (login, posting and fetching messages, history, the bot's
+own reactions, typing, opening a DM), and a 404 for every other route."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.parse
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from aiohttp import web
+
+from .state import BOT_ID, parse_emoji, sid
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = r"/api/v{version:\d+}"
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    # NB: discord.py only parses JSON if Content-Type is *exactly* "application/json";
+    # web.json_response() appends "; charset=utf-8" which makes it return a str.
+    return web.Response(status=status, body=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
+
+
+def error(status: int, code: int, message: str, errors: Optional[dict] = None) -> web.Response:
+    """A Discord error body: ``{"message", "code"[, "errors"]}``."""
+    body: Dict[str, Any] = {"message": message, "code": code}
+    if errors:
+        body["errors"] = errors
+    return json_response(body, status)
+
+
+def no_content() -> web.Response:
+    return web.Response(status=204)
+
+
+def validate_message_body(payload: Dict[str, Any], has_files: bool) -> Optional[web.Response]:
+    """Discord's 400s for a message body: content over 2000 characters, or nothing to send."""
+    content = payload.get("content")
+    if content is not None and len(content) > 2000:
+        return error(
+            400,
+            50035,
+            "Invalid Form Body",
+            {"content": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}},
+        )
+    if not (content or payload.get("embeds") or payload.get("components") or payload.get("sticker_ids") or payload.get("poll") or has_files):
+        return error(400, 50006, "Cannot send an empty message")
+    return None
+
+
+async def read_body(request: web.Request) -> Tuple[Dict[str, Any], List[Tuple[str, str, bytes]]]:
+    """JSON body, or multipart ``payload_json`` + files -> (payload, files)."""
+    files: List[Tuple[str, str, bytes]] = []
+    if request.content_type.startswith("multipart/"):
+        form = await request.post()
+        payload = json.loads(form.get("payload_json") or "{}")
+        for key, value in form.items():
+            if key.startswith("files[") and hasattr(value, "file"):
+                files.append((value.filename, value.content_type, value.file.read()))
+        return payload, files
+    raw = await request.read()
+    return (json.loads(raw) if raw else {}), files
+
+
+class RestMixin:
+    """The REST half of :class:`~tests.fakes.discord.FakeDiscord`.
+
+    Test-facing records: ``requests`` (``(method, path)`` of every REST request, path
+    relative to ``/api/v10``), ``unknown_requests`` (those no route matched),
+    ``bot_messages`` (what the bot POSTed to channels, DMs included), ``reactions_by_bot``
+    (``{"channel_id", "message_id", "emoji", "action"}``, action ``"add"``) and
+    ``typing_calls`` (channel ids). Relies on the world, ``dispatch``, ``_apply_reaction``,
+    ``internal_errors`` and ``_bump`` of the composed class.
+    """
+
+    def _init_rest(self) -> None:
+        self.requests: List[Tuple[str, str]] = []
+        self.unknown_requests: List[Tuple[str, str]] = []
+        self.bot_messages: List[Dict[str, Any]] = []
+        self.reactions_by_bot: List[Dict[str, Any]] = []
+        self.typing_calls: List[int] = []
+
+    def bot_messages_in(self, channel_id: int) -> List[Dict[str, Any]]:
+        return [m for m in self.bot_messages if int(m["channel_id"]) == int(channel_id)]
+
+    # ------------------------------------------------------------------ plumbing
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/api/"):
+            rel = re.sub(r"^/api/v\d+", "", path)
+            self.requests.append((request.method, rel))
+            needs_auth = not (rel.startswith("/interactions/") or rel.startswith("/webhooks/"))
+            if needs_auth and self.token is not None and request.headers.get("Authorization") != f"Bot {self.token}":
+                await self._bump()
+                return error(401, 0, "401: Unauthorized")
+        try:
+            resp = await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            log.exception("fake discord REST handler error for %s %s", request.method, path)
+            self.internal_errors.append(f"{request.method} {path}: {exc!r}")
+            resp = error(400, 0, f"fake discord internal error: {exc!r}")
+        await self._bump()
+        return resp
+
+    def _add_rest_routes(self, router: web.UrlDispatcher) -> None:
+        p = API_PREFIX
+        router.add_get(p + "/users/@me", self._h_me)
+        router.add_get(p + "/oauth2/applications/@me", self._h_application)
+        router.add_post(p + "/users/@me/channels", self._h_create_dm)
+        router.add_post(p + "/channels/{cid}/messages", self._h_post_message)
+        router.add_get(p + "/channels/{cid}/messages", self._h_history)
+        router.add_get(p + "/channels/{cid}/messages/{mid}", self._h_get_message)
+        router.add_put(p + "/channels/{cid}/messages/{mid}/reactions/{emoji}/@me", self._h_add_own_reaction)
+        router.add_post(p + "/channels/{cid}/typing", self._h_typing)
+
+    def _add_unknown_route(self, router: web.UrlDispatcher) -> None:
+        """Last: every route the fake lacks answers 404 and is recorded."""
+        router.add_route("*", "/{tail:.*}", self._h_unknown)
+
+    async def _h_unknown(self, request: web.Request) -> web.Response:
+        rel = re.sub(r"^/api/v\d+", "", request.path)
+        self.unknown_requests.append((request.method, rel))
+        log.warning("fake discord: no route for %s %s", request.method, request.path_qs)
+        return error(404, 0, f"fake discord: unknown route {request.method} {rel}")
+
+    def _attachments(self, channel_id: int, files: List[Tuple[str, str, bytes]]) -> List[Dict[str, Any]]:
+        """Attachment payloads for uploaded files (metadata only: the fake does not serve the URLs)."""
+        out = []
+        for filename, ctype, data in files:
+            aid = self.snowflake()
+            url = f"http://127.0.0.1:{self.port}/attachments/{channel_id}/{aid}/{urllib.parse.quote(filename)}"
+            out.append(
+                {"id": sid(aid), "filename": filename, "size": len(data), "url": url, "proxy_url": url, "content_type": ctype}
+            )
+        return out
+
+    def _check_channel(self, request: web.Request) -> Tuple[Optional[int], Optional[web.Response]]:
+        try:
+            cid = int(request.match_info["cid"])
+        except ValueError:
+            return None, error(404, 10003, "Unknown Channel")
+        if cid not in self.channels:
+            return None, error(404, 10003, "Unknown Channel")
+        return cid, None
+
+    def _check_message(self, cid: int, mid_raw: str) -> Tuple[Optional[Dict[str, Any]], Optional[web.Response]]:
+        try:
+            mid = int(mid_raw)
+        except ValueError:
+            return None, error(404, 10008, "Unknown Message")
+        msg = self._messages_by_id.get(mid)
+        if msg is None or int(msg["channel_id"]) != cid:
+            return None, error(404, 10008, "Unknown Message")
+        return msg, None
+
+    # ------------------------------------------------------------------ login
+
+    async def _h_me(self, request: web.Request) -> web.Response:
+        return json_response(self._bot_user_full())
+
+    async def _h_application(self, request: web.Request) -> web.Response:
+        return json_response(self._application_payload())
+
+    # ------------------------------------------------------------------ channels and messages
+
+    async def _h_create_dm(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        uid = int(body["recipient_id"])
+        if uid not in self.users:
+            return error(400, 50033, "Invalid Recipient(s)")
+        return json_response(dict(self.channels[self.dm_channel_id(uid)]))
+
+    async def _h_post_message(self, request: web.Request) -> web.Response:
+        cid, err = self._check_channel(request)
+        if err:
+            return err
+        payload, files = await read_body(request)
+        err = validate_message_body(payload, bool(files))
+        if err:
+            return err
+        reply_to = None
+        ref = payload.get("message_reference")
+        if ref and ref.get("message_id"):
+            reply_to = int(ref["message_id"])
+            target = self._messages_by_id.get(reply_to)
+            if target is None or int(target["channel_id"]) != cid:
+                if ref.get("fail_if_not_exists", True):
+                    return error(
+                        400,
+                        50035,
+                        "Invalid Form Body",
+                        {"message_reference": {"_errors": [{"code": "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "message": "Unknown message"}]}},
+                    )
+                reply_to = None
+        allowed = payload.get("allowed_mentions")
+        reply_ping = True if allowed is None else bool(allowed.get("replied_user", False))
+        msg = self._new_message(cid, BOT_ID, payload.get("content") or "", reply_to=reply_to, reply_ping=reply_ping)
+        msg["embeds"] = payload.get("embeds") or []
+        msg["components"] = payload.get("components") or []
+        msg["tts"] = bool(payload.get("tts", False))
+        msg["flags"] = int(payload.get("flags") or 0)
+        msg["attachments"] = self._attachments(cid, files)
+        if payload.get("nonce") is not None:
+            msg["nonce"] = payload["nonce"]
+        self._store_message(msg)
+        self.bot_messages.append(msg)
+        if self.echo_bot_messages:
+            await self.dispatch("MESSAGE_CREATE", self._gateway_message(msg))
+        return json_response(msg)
+
+    async def _h_history(self, request: web.Request) -> web.Response:
+        cid, err = self._check_channel(request)
+        if err:
+            return err
+        q = request.query
+        limit = max(1, min(100, int(q.get("limit", "50"))))
+        msgs = sorted(self.messages.get(cid, []), key=lambda m: int(m["id"]))
+        if "before" in q:
+            msgs = [m for m in msgs if int(m["id"]) < int(q["before"])][-limit:]
+        elif "after" in q:
+            msgs = [m for m in msgs if int(m["id"]) > int(q["after"])][:limit]
+        elif "around" in q:
+            around = int(q["around"])
+            older = [m for m in msgs if int(m["id"]) < around]
+            newer = [m for m in msgs if int(m["id"]) >= around]
+            half = limit // 2
+            take_old = older[-half:] if half else []
+            msgs = take_old + newer[: limit - len(take_old)]
+        else:
+            msgs = msgs[-limit:]
+        return json_response([self._message_view(m) for m in reversed(msgs)])  # newest first
+
+    async def _h_get_message(self, request: web.Request) -> web.Response:
+        cid, err = self._check_channel(request)
+        if err:
+            return err
+        msg, err = self._check_message(cid, request.match_info["mid"])
+        if err:
+            return err
+        return json_response(self._message_view(msg))
+
+    async def _h_add_own_reaction(self, request: web.Request) -> web.Response:
+        cid, err = self._check_channel(request)
+        if err:
+            return err
+        msg, err = self._check_message(cid, request.match_info["mid"])
+        if err:
+            return err
+        emoji = request.match_info["emoji"]
+        if parse_emoji(emoji)["id"] is None and (not emoji or emoji.isascii()):
+            return error(400, 10014, "Unknown Emoji")
+        self.reactions_by_bot.append(
+            {"channel_id": cid, "message_id": int(msg["id"]), "emoji": emoji, "action": "add"}
+        )
+        await self._apply_reaction(cid, int(msg["id"]), BOT_ID, emoji, True)
+        return no_content()
+
+    async def _h_typing(self, request: web.Request) -> web.Response:
+        cid, err = self._check_channel(request)
+        if err:
+            return err
+        self.typing_calls.append(cid)
+        return no_content()
