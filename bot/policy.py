@@ -1,55 +1,61 @@
 """The model at serving time.
 
 - ``build_prompt`` renders the chat template and cuts old context to the token budget.
-- ``generate`` queues a request for one worker thread, which takes up to ``batch_size``
-  waiting requests at once and samples them together. The event loop never runs the
-  model. Past ``queue_size`` waiting requests, ``generate`` raises ``Busy`` at once.
+- ``generate`` queues a request; worker threads ("lanes") take up to ``batch_size``
+  waiting requests at once and sample them together on the serving engine. The event loop
+  never runs the model. Past ``queue_size`` waiting requests, ``generate`` raises ``Busy``.
+- The engine is CTranslate2 int8 (``bot/ct2_engine.py``, several lanes side by side) where
+  it can run the model, else transformers on torch (``bot/torch_engine.py``, one lane), the
+  reference path. ``serving.engine`` picks; a failure to start the fast one falls back.
+- ``generate(turns, on_partial=f)`` streams: ``f(text_so_far)`` is called on the event
+  loop as tokens arrive, so adapters can show the reply while it is written.
 - Each batch is pinned to the version that is active when the batch starts; the
   version is recorded with every reply, so a swap never mixes versions inside a reply.
 - ``install_version`` verifies a published version (sha256 of the weights file) and
-  loads it beside the current ones in the worker thread, between batches;
-  ``activate`` then points new batches at it. Version 0 is the base model.
+  loads it beside the current ones in a worker, between batches; ``activate`` then
+  points new batches at it. Version 0 is the base model.
 
 Logprobs: for every sampled token we record log softmax(logits / temperature) at that
-token, i.e. the tempered distribution the sample came from before top-p truncation.
-That is exactly what the trainer can recompute with a forward pass, so the importance
-ratio compares like with like.
+token under the engine that sampled it, i.e. the tempered distribution the sample came
+from, before top-p truncation. The trainer recomputes it with a forward pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import queue
+import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from transformers import GenerationConfig
-
 from bot import process, versions
 from bot.policy_types import Busy, Generation, Turn, VersionError
+from bot.torch_engine import TorchEngine
 
 
 log = logging.getLogger(__name__)
 MAX_LOADED_VERSIONS = 3   # active + previous + one being swapped in
+GATHER_SECONDS = 0.005    # a lane waits this long for requests arriving together before it starts
 
 
 @dataclass
 class _Job:
     prompt_ids: list[int]
     done: Callable[[Any], None]    # called in the worker with a Generation or an Exception
+    partial: Callable[[list[int]], None] | None = None   # called in the worker with the ids so far
 
 
 class Policy:
     def __init__(self, model, tokenizer, *, temperature: float = 0.8, top_p: float = 0.95,
                  max_new_tokens: int = 96, system_prompt: str = "", max_context_tokens: int = 512,
-                 queue_size: int = 16, batch_size: int = 8):
+                 queue_size: int = 16, batch_size: int = 8, engine: str = "torch", work_dir: Path | None = None):
         self.base = model.eval()
-        self.model = self.base            # becomes a PeftModel once a LoRA version is installed
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -59,13 +65,33 @@ class Policy:
         self.max_context_tokens = max_context_tokens
         self.queue_size, self.batch_size = queue_size, batch_size
         self.active_version = 0
+        self.engine = self._start_engine(engine, work_dir)
         self._loaded: dict[int, str] = {0: "base"}   # version → "base" | "lora" | "full"
-        self._full_models: dict[int, Any] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._waiting = 0
+        self._closed = False
         self._lock = threading.Lock()
-        self._worker = threading.Thread(target=self._run, name="policy-worker", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"policy-lane-{i}", daemon=True)
+                         for i in range(self.engine.lanes)]
+        for w in self._workers:
+            w.start()
+        atexit.register(_close_at_exit, weakref.ref(self))   # let running batches finish first
+
+    def _start_engine(self, name: str, work_dir: Path | None):
+        """The fast engine when asked for and able to run here, else the torch reference."""
+        if name == "ctranslate2":
+            from bot import ct2_engine
+
+            why = ct2_engine.available()
+            if not why:
+                try:
+                    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="reactlearn-serving-"))
+                    return ct2_engine.CT2Engine(self.base, self.tokenizer, temperature=self.temperature,
+                                                work_dir=work_dir)
+                except Exception as e:  # noqa: BLE001 - an architecture it can't convert, a full disk, ...
+                    why = f"{type(e).__name__}: {e}"
+            log.warning("serving engine ctranslate2 unavailable (%s); using torch", why)
+        return TorchEngine(self.base, self.tokenizer)
 
     @classmethod
     def from_config(cls, cfg) -> "Policy":
@@ -78,7 +104,8 @@ class Policy:
         s = cfg.sampling
         return cls(model, tokenizer, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                    system_prompt=cfg.model.system_prompt, max_context_tokens=cfg.model.max_context_tokens,
-                   queue_size=cfg.serving.queue_size, batch_size=cfg.serving.batch_size)
+                   queue_size=cfg.serving.queue_size, batch_size=cfg.serving.batch_size, engine=cfg.serving.engine,
+                   work_dir=Path(cfg.data_dir).expanduser() / "serving")
 
     # -- prompts --------------------------------------------------------------
 
@@ -111,10 +138,12 @@ class Policy:
 
     # -- generation -----------------------------------------------------------
 
-    async def generate(self, turns: list[Turn]) -> Generation:
-        return (await self.generate_many([self.build_prompt(turns)]))[0]
+    async def generate(self, turns: list[Turn], on_partial: Callable[[str], None] | None = None) -> Generation:
+        """Sample a reply. ``on_partial(text_so_far)`` is called on the event loop as it grows."""
+        return (await self.generate_many([self.build_prompt(turns)], on_partial))[0]
 
-    async def generate_many(self, prompts: list[list[int]]) -> list[Generation]:
+    async def generate_many(self, prompts: list[list[int]],
+                            on_partial: Callable[[str], None] | None = None) -> list[Generation]:
         """Sample one reply per prompt (token ids). Raises Busy if they don't all fit in the queue."""
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -129,85 +158,91 @@ class Policy:
                 loop.call_soon_threadsafe(_settle, fut, result)
 
             futures.append(fut)
-            self._jobs.put(_Job(list(ids), done))
+            self._jobs.put(_Job(list(ids), done, self._partial_sender(loop, on_partial)))
         return list(await asyncio.gather(*futures))
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet taken into a batch."""
+        return self._waiting
+
+    def pause(self) -> threading.Event:
+        """Park every lane until the returned event is set, so that the requests queued
+        meanwhile form full batches (the simulation asks a whole round at once)."""
+        release = threading.Event()
+        for _ in range(self.engine.lanes):
+            self._jobs.put(lambda: release.wait(timeout=120))
+        return release
+
+    def _partial_sender(self, loop, on_partial):
+        """A worker-side callback that decodes the ids so far and hands new text to the loop."""
+        if on_partial is None:
+            return None
+        last = [""]
+
+        def partial(ids: list[int]) -> None:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if text and text != last[0]:
+                last[0] = text
+                loop.call_soon_threadsafe(on_partial, text)
+        return partial
+
     def _run(self) -> None:
-        """Worker thread: take jobs, generate in batches, install versions between batches."""
+        """A lane: take jobs, generate in batches, install versions between batches."""
         while True:
             job = self._jobs.get()
             if job is None:
+                self._jobs.put(None)       # let the other lanes see it too
                 return
-            if callable(job):          # an install/cleanup task queued by install_version
+            if callable(job):              # an install task queued by install_version
                 job()
                 continue
-            batch = [job]
-            while len(batch) < self.batch_size:
-                try:
-                    nxt = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None or callable(nxt):
-                    self._jobs.put(nxt)   # keep order simple: handle it after this batch
-                    break
-                batch.append(nxt)
-            with self._lock:
-                self._waiting -= len(batch)
+            batch = self._fill_batch(job)
             try:
-                results = self._generate_batch([j.prompt_ids for j in batch], self.active_version)
+                results = self._generate_batch(batch, self.active_version)
             except Exception as e:  # noqa: BLE001 - every waiting reply must get an answer
                 log.exception("generation failed")
                 results = [e] * len(batch)
             for j, r in zip(batch, results):
                 j.done(r)
 
-    @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], version: int) -> list[Generation]:
-        start = time.perf_counter()
-        tok = self.tokenizer
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            attention[i, width - len(p):] = 1
-        gen_config = GenerationConfig(
-            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
-            max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            output_logits=True, return_dict_in_generate=True)
-        model = self._model_for(version)
-        out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_config)
-        new = out.sequences[:, width:]                                        # [B, steps]
-        # one step at a time: a [B, steps, V] float copy would be ~0.4 GB for 32 replies
-        token_logp = torch.stack([                                            # [B, steps]
-            torch.log_softmax(step.float() / self.temperature, dim=-1).gather(-1, new[:, i:i + 1]).squeeze(-1)
-            for i, step in enumerate(out.logits)], dim=1)
-        seconds = time.perf_counter() - start
-        results = []
-        for i, p in enumerate(prompts):
-            ids = new[i].tolist()
-            n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
-            text = tok.decode(ids[:n], skip_special_tokens=True).strip()
-            results.append(Generation(text=text, prompt_ids=list(p), output_ids=ids[:n],
-                                      logprobs=token_logp[i, :n].tolist(), version=version,
-                                      temperature=self.temperature, top_p=self.top_p,
-                                      max_new_tokens=self.max_new_tokens, seconds=seconds))
-        return results
+    def _fill_batch(self, job: _Job) -> list[_Job]:
+        """``job`` and the requests waiting behind it, up to ``batch_size``. With several lanes
+        a lane takes its share of what waits (16 arriving together: 8 and 8, not 1 and 15)."""
+        if self.engine.lanes > 1:
+            time.sleep(GATHER_SECONDS)     # requests that arrive together get batched together
+        limit = self.batch_size
+        if self.engine.lanes > 1:
+            limit = min(limit, max(1, -(-(self._jobs.qsize() + 1) // self.engine.lanes)))
+        batch = [job]
+        while len(batch) < limit:
+            try:
+                nxt = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None or callable(nxt):
+                self._jobs.put(nxt)   # keep order simple: handle it after this batch
+                break
+            batch.append(nxt)
+        with self._lock:
+            self._waiting -= len(batch)
+        return batch
 
-    def _model_for(self, version: int):
-        """The module that generates for ``version`` (called in the worker thread)."""
-        kind = self._loaded.get(version)
-        if kind is None:
-            raise VersionError(f"version {version} is not loaded")
-        if kind == "full":
-            return self._full_models[version]
-        if kind == "lora":
-            self.model.set_adapter(f"v{version}")
-            self.model.enable_adapter_layers()
-            return self.model
-        if self.model is not self.base:
-            self.model.disable_adapter_layers()
-        return self.model
+    def _generate_batch(self, batch: list[_Job], version: int) -> list[Generation]:
+        start = time.perf_counter()
+
+        def on_step(row: int, ids: list[int]) -> None:
+            if batch[row].partial is not None:
+                batch[row].partial(ids)
+
+        sampled = self.engine.sample([j.prompt_ids for j in batch], version, temperature=self.temperature,
+                                     top_p=self.top_p, max_new_tokens=self.max_new_tokens, on_step=on_step)
+        seconds = time.perf_counter() - start
+        return [Generation(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                           prompt_ids=list(j.prompt_ids), output_ids=ids, logprobs=logps, version=version,
+                           temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                           seconds=seconds)
+                for j, (ids, logps) in zip(batch, sampled)]
 
     # -- versions -------------------------------------------------------------
 
@@ -231,14 +266,8 @@ class Policy:
         await fut
 
     def _install(self, version: int, files: versions.VersionFiles) -> None:
-        """Load a verified version beside the others (worker thread, between batches)."""
-        label = f"v{version}"
-        if files.kind == "full":
-            model = type(self.base)(self.base.config).to(next(self.base.parameters()).dtype)
-            versions.load_full_weights(model, files.state, label)
-            self._full_models[version] = model.eval()
-        else:
-            self.model = versions.add_adapter(self.model, files, label, label).eval()
+        """Load a verified version beside the others (in a lane, between batches)."""
+        self.engine.install(version, files)
         self._loaded[version] = files.kind
         self._forget_old()
         log.info("loaded v%d (%s) from %s", version, files.kind, files.path)
@@ -247,11 +276,8 @@ class Policy:
         """Keep the few newest versions in memory (plus the active one and the base)."""
         keep = {0, self.active_version} | set(sorted(self._loaded)[-MAX_LOADED_VERSIONS:])
         for v in [v for v in self._loaded if v not in keep]:
-            kind = self._loaded.pop(v)
-            if kind == "full":
-                self._full_models.pop(v, None)
-            elif kind == "lora":
-                self.model.delete_adapter(f"v{v}")
+            self._loaded.pop(v)
+            self.engine.forget(v)
 
     def activate(self, version: int) -> None:
         """New batches use ``version`` (it must be installed); running batches finish as they are."""
@@ -259,8 +285,16 @@ class Policy:
             raise VersionError(f"version {version} is not loaded; install it first")
         self.active_version = version
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the lanes once the batches they are running finish, then release the engine."""
+        if self._closed:
+            return
+        self._closed = True
         self._jobs.put(None)
+        for w in self._workers:
+            if w is not threading.current_thread():
+                w.join(timeout)
+        self.engine.close()
 
 
 def _settle(fut: asyncio.Future, result: Any) -> None:
@@ -270,3 +304,9 @@ def _settle(fut: asyncio.Future, result: Any) -> None:
         fut.set_exception(result)
     else:
         fut.set_result(result)
+
+
+def _close_at_exit(ref) -> None:
+    policy = ref()
+    if policy is not None:
+        policy.close(timeout=30.0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class Busy(Exception):
@@ -44,7 +44,10 @@ class PolicyLike(Protocol):
 
     active_version: int
 
-    async def generate(self, turns: list[Turn]) -> Generation: ...
+    async def generate(self, turns: list[Turn], on_partial: Callable[[str], None] | None = None) -> Generation:
+        """Sample a reply. ``on_partial(text_so_far)``, when given, is called on the event loop
+        thread as the reply grows (decoded so far, special tokens skipped, stripped), never after
+        ``generate`` returns; it must be cheap (the caller paces what it does with the text)."""
 
     def is_loaded(self, version: int) -> bool: ...
 

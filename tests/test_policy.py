@@ -1,6 +1,7 @@
 """The serving policy with a tiny real model: recorded logprobs, batching, budget, busy."""
 
 import asyncio
+import math
 import threading
 
 import pytest
@@ -19,8 +20,23 @@ def recompute_logprobs(model, prompt_ids, output_ids, temperature):
     return logp.gather(-1, torch.tensor(output_ids).unsqueeze(-1)).squeeze(-1)
 
 
-async def test_logprobs_match_a_forward_pass(shared_policy):
-    p = shared_policy
+@pytest.fixture(scope="module")
+def torch_policy(tiny_model_dir):
+    """The reference engine (transformers generate on torch), whose logprobs are exact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Policy(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),
+               max_new_tokens=12, system_prompt="Be brief.", max_context_tokens=256, engine="torch")
+    yield p
+    p.close()
+
+
+def test_the_default_engine_is_the_fast_one(shared_policy):
+    assert type(shared_policy.engine).__name__ == "CT2Engine" and shared_policy.engine.lanes >= 1
+
+
+async def test_logprobs_match_a_forward_pass(torch_policy):
+    p = torch_policy
     prompts = [p.build_prompt([Turn("user", text)]) for text in ["hello there", "what is the weather like? " * 3]]
     gens = await p.generate_many(prompts)      # one batch, left padding on the shorter prompt
     for gen, prompt in zip(gens, prompts):
@@ -88,3 +104,63 @@ async def test_event_loop_stays_free_while_generating(shared_policy):
     await shared_policy.generate_many([shared_policy.build_prompt([Turn("user", "hello")])] * 4)
     t.cancel()
     assert ticks > 10
+
+
+@pytest.fixture(scope="module")
+def peaky_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its embedding (tied to the output layer) scaled up until the first
+    reply token's most likely value has p between 0.2 and 0.7 at T = 0.7: a peaked
+    distribution, so that the temperature visibly changes it and frequencies are measurable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("peaky")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = torch.tensor([tok.encode("hello there", add_special_tokens=False)])
+    for scale in (4, 6, 8, 11, 15, 20, 27):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(scale)
+            top = float(torch.softmax(model(input_ids=prompt).logits[0, -1] / 0.7, -1).max())
+        if 0.2 <= top <= 0.7:
+            break
+    else:
+        pytest.skip("no scale gives the tiny model a measurable peak")
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_fast_engine_logprobs_are_its_own_sampling_distribution(peaky_model_dir, tmp_path):
+    """The CTranslate2 engine's recorded logprob of a token is the probability it was drawn
+    with: over thousands of one-token samples each token's frequency matches exp(logprob),
+    every sample of a token records the same number, and that number is the tempered one
+    (it differs from T = 1), close to the fp32 model's."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bot.ct2_engine import CT2Engine
+
+    model, tok = AutoModelForCausalLM.from_pretrained(peaky_model_dir), AutoTokenizer.from_pretrained(peaky_model_dir)
+    T = 0.7
+    engine = CT2Engine(model, tok, temperature=T, work_dir=tmp_path, lanes=1)
+    prompt = tok.encode("hello there", add_special_tokens=False)
+    samples = [s for _ in range(8) for s in engine.sample([prompt] * 500, 0, temperature=T, top_p=1.0,
+                                                           max_new_tokens=1)]
+    engine.close()
+    recorded: dict[int, set] = {}
+    for ids, logps in samples:
+        recorded.setdefault(ids[0], set()).add(round(logps[0], 5))
+    assert all(len(v) == 1 for v in recorded.values())           # one distribution, one number per token
+    counts, n = Counter(ids[0] for ids, _ in samples), len(samples)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    fp32 = torch.log_softmax(logits / T, -1)
+    untempered = torch.log_softmax(logits, -1)
+    for token, c in counts.most_common(5):
+        p = math.exp(next(iter(recorded[token])))
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(c / n - p) < 5 * sigma + 1e-3, (token, c / n, p)
+        assert abs(math.log(p) - float(fp32[token])) < 0.1
+    top = counts.most_common(1)[0][0]
+    assert abs(next(iter(recorded[top])) - float(untempered[top])) > 0.1    # the temperature is applied

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +49,6 @@ class Asked:
     reply_id: int | None = None
 
 
-def _hold_worker(policy) -> threading.Event:
-    """Park the policy's worker until released, so that requests queued meanwhile form one batch.
-
-    The worker runs callables it finds in its queue between batches (that is how versions
-    are installed); this one just waits for the event."""
-    release = threading.Event()
-    policy._jobs.put(lambda: release.wait(timeout=120))
-    return release
-
-
 async def ask_all(core, prompts: list[str], tag: str) -> list[Asked]:
     """Send every prompt to the bot at once through ChatCore.on_message; one generation batch."""
     asked = [Asked(p) for p in prompts]
@@ -75,11 +64,11 @@ async def ask_all(core, prompts: list[str], tag: str) -> list[Asked]:
                       author_name=NAMES[i % len(NAMES)], text=a.prompt, mentions_bot=True)
         a.reply_id = await core.on_message(msg, [], sender(a, f"{tag}-r{i}"))
 
-    release = _hold_worker(core.policy)
+    release = core.policy.pause()      # the requests queued meanwhile form one batch
     tasks = [asyncio.create_task(one(i, a)) for i, a in enumerate(asked)]
     deadline = time.monotonic() + 60
     try:
-        while (core.policy._waiting < len(tasks) and not all(t.done() for t in tasks)
+        while (core.policy.waiting < len(tasks) and not all(t.done() for t in tasks)
                and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
     finally:
