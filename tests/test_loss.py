@@ -394,3 +394,45 @@ def test_full_kl_gradient_pulls_toward_the_reference():
     with torch.no_grad():
         after = torch.softmax(x - 1.0 * x.grad, -1)
     assert 0.5 < after[0, 0, 1].item() < 0.8
+
+
+# ---------------------------------------------------------------------------
+# Decoupled PPO with truncated importance sampling (proximal_logp, is_cap)
+# ---------------------------------------------------------------------------
+
+
+def test_proximal_equal_to_behaviour_changes_nothing():
+    new, behaviour, ref, adv, mask = clip_case()
+    plain = pg_loss(new, behaviour, ref, adv, mask, kl_coef=0.0)
+    same = pg_loss(new, behaviour, ref, adv, mask, kl_coef=0.0, proximal_logp=behaviour.clone())
+    torch.testing.assert_close(same.loss, plain.loss)
+    torch.testing.assert_close(same.clip_frac, plain.clip_frac)
+    torch.testing.assert_close(same.is_weight, scalar(1.0))
+
+
+def test_ratio_is_taken_against_the_proximal_policy():
+    # The serving engine recorded log p = -2 for a token the trainer's model gives -1 (e = 2.7x
+    # likelier). With new == proximal the PPO ratio is exactly 1 (nothing clipped); the token's
+    # weight is min(e, cap = 2) = 2, so pg = -(1 * A) * 2 = -2 for A = +1.
+    behaviour = torch.full((1, 1), -2.0)
+    proximal = torch.full((1, 1), -1.0)
+    new = proximal.clone().requires_grad_(True)
+    out = pg_loss(new, behaviour, new.detach(), torch.tensor([1.0]), torch.ones(1, 1), kl_coef=0.0,
+                  proximal_logp=proximal, is_cap=2.0)
+    torch.testing.assert_close(out.ratio_mean, scalar(1.0))
+    torch.testing.assert_close(out.clip_frac, scalar(0.0))
+    torch.testing.assert_close(out.is_weight, scalar(2.0))          # truncated from e ~ 2.72
+    torch.testing.assert_close(out.loss, scalar(-2.0))
+    out.loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[-2.0]]))    # d(-rho*A*w)/d new = -rho*A*w
+
+
+def test_importance_weight_below_the_cap_is_exact():
+    # proximal / behaviour = 0.5 (the engine found the token likelier): weight 0.5, untruncated.
+    behaviour = torch.full((1, 1), math.log(0.4))
+    proximal = torch.full((1, 1), math.log(0.2))
+    new = proximal.clone().requires_grad_(True)
+    out = pg_loss(new, behaviour, new.detach(), torch.tensor([-1.0]), torch.ones(1, 1), kl_coef=0.0,
+                  proximal_logp=proximal, is_cap=2.0)
+    torch.testing.assert_close(out.is_weight, scalar(0.5))
+    torch.testing.assert_close(out.loss, scalar(0.5))               # -(1 * -1) * 0.5

@@ -39,6 +39,9 @@ class TrainerConfig:
     epochs: int = setting(2, "Passes over the round's replies.")
     minibatch_size: int = setting(8, "Replies per optimizer step.")
     clip_eps: float = setting(0.2, "PPO clip range: the ratio new/behaviour policy is clipped to 1 ± clip_eps.")
+    is_cap: float = setting(2.0, "Truncated importance sampling: each token's off-policy weight "
+                            "p_trainer/p_serving (the int8 serving engine's numbers differ from the fp32 "
+                            "trainer's) is capped at this value (>= 1; 2 as in the TIS literature).")
     kl_coef: float = setting(0.05, "Weight of the KL(policy ‖ reference) penalty per token; the reference is the "
                              "base model (adapter off).")
     kl_estimator: str = setting("full", 'How the KL penalty is computed at each reply position: "full" (exact, '
@@ -92,6 +95,7 @@ class TrainerConfig:
         check(1 <= self.epochs <= 1000, "epochs", "must be between 1 and 1000.")
         check(self.minibatch_size >= 1, "minibatch_size", "must be at least 1.")
         check(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1); 0.2 is usual.")
+        check(1 <= self.is_cap < float("inf"), "is_cap", "must be a number >= 1; 2 is usual.")
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0.")
         check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"use one of {list(KL_ESTIMATORS)}.")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0.")

@@ -51,6 +51,9 @@ class TrainStats:
     steps: int
     history: list[dict] = field(default_factory=list)   # per-epoch means
     optimizer: dict = field(default_factory=dict, repr=False)   # AdamW state to publish (optim_state.py)
+    offpolicy_mean: float = 0.0    # mean |log p_trainer - log p_recorded| per token before the first step
+    offpolicy_max: float = 0.0     # its max
+    is_truncated: float = 0.0      # share of tokens whose importance weight hit trainer.is_cap
 
 
 @dataclass
@@ -67,6 +70,24 @@ def _same_shape(saved, lora) -> bool:
     """Do two LoraConfigs build adapters of the same shape (so weights carry over)?"""
     return (saved.r, saved.lora_alpha, set(saved.target_modules)) == (lora.r, lora.lora_alpha,
                                                                        set(lora.target_modules))
+
+
+def _gather(cache: dict[int, torch.Tensor], idx: list[int], like: torch.Tensor) -> torch.Tensor:
+    """Per-reply cached logprobs [t] → the batch's padded [B, T] (zeros at padding)."""
+    out = torch.zeros_like(like)
+    for row, i in enumerate(idx):
+        out[row, :len(cache[i])] = cache[i]
+    return out
+
+
+def _offpolicy_gap(proximal: dict[int, torch.Tensor], examples: list[Example], cap: float) -> dict[str, float]:
+    """How far the recorded (serving engine's) logprobs are from the trainer's recomputation
+    before the first step: mean and max |log ratio| per token, and the share of tokens whose
+    importance weight the cap truncates."""
+    gaps = [proximal[i] - torch.tensor(e.behaviour_logp[:len(proximal[i])]) for i, e in enumerate(examples)]
+    d = torch.cat(gaps) if gaps else torch.zeros(1)
+    return {"offpolicy_mean": float(d.abs().mean()), "offpolicy_max": float(d.abs().max()),
+            "is_truncated": float((d > math.log(cap)).float().mean())}
 
 
 def _finite(x: float) -> bool:
@@ -171,6 +192,7 @@ class Learner:
         gen = torch.Generator().manual_seed(seed)
         mean_reward = sum(e.reward for e in examples) / len(examples)
         ref_cache: dict[int, torch.Tensor] = {}    # example index → reference logprobs [t]: base is frozen
+        prox_cache = self._proximal(model, examples, pad, t.minibatch_size)   # the anchor before any step
         bar = self._bar(t.epochs * math.ceil(len(examples) / t.minibatch_size), desc)
         history: list[dict] = []
         first_ratio, grad_norm, step = float("nan"), float("nan"), 0
@@ -183,7 +205,8 @@ class Learner:
                     if stop.is_set():
                         raise Interrupted(f"stopped at {where}")
                     batch = collate([examples[i] for i in idx], pad)                   # [B, P+T] …
-                    out = self._step(model, reference, batch, idx, ref_cache, opt, params, t, where)
+                    proximal = _gather(prox_cache, idx, batch.behaviour_logp)        # [B, T]
+                    out = self._step(model, reference, batch, idx, (ref_cache, proximal), opt, params, t, where)
                     if step == 0:
                         first_ratio = out["ratio_mean"]
                     step, grad_norm = step + 1, out["grad_norm"]
@@ -202,7 +225,8 @@ class Learner:
         last = history[-1]
         return TrainStats(loss=last["loss"], kl=last["kl"], pg=last["pg"], clip_frac=last["clip_frac"],
                           first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history,
-                          optimizer=export_adam(model, opt) if t.keep_optimizer and not t.full_finetune else {})
+                          optimizer=export_adam(model, opt) if t.keep_optimizer and not t.full_finetune else {},
+                          **_offpolicy_gap(prox_cache, examples, t.is_cap))
 
     @staticmethod
     def _optimizer(model, params: list, t: TrainerConfig, opt_state: dict | None) -> torch.optim.AdamW:
@@ -216,16 +240,19 @@ class Learner:
                 log.info("optimizer: continuing the parent's AdamW state")
         return opt
 
-    def _step(self, model, reference, batch, idx: list[int], ref_cache: dict, opt, params: list,
+    def _step(self, model, reference, batch, idx: list[int], caches: tuple[dict, torch.Tensor], opt, params: list,
               t: TrainerConfig, where: str) -> dict[str, float]:
         """One minibatch: forward, loss, backward, clip the grad norm, AdamW step.
 
+        ``caches``: the reference logprobs cache and this batch's proximal logprobs [B, T].
         A NaN/inf loss, gradient norm or weight raises NonFinite (``where`` names the step).
         Returns the step's loss, kl, pg, clip_frac (what the epoch sums add up), ratio_mean
         and grad_norm, as floats."""
+        ref_cache, proximal = caches
         new_logp, ref_logp, kl_tokens = self._logprobs(model, reference, batch, idx, ref_cache, t.kl_estimator)
         parts = pg_loss(new_logp, batch.behaviour_logp, ref_logp, batch.advantages, batch.mask,
-                        clip_eps=t.clip_eps, kl_coef=t.kl_coef, kl_tokens=kl_tokens)
+                        clip_eps=t.clip_eps, kl_coef=t.kl_coef, kl_tokens=kl_tokens, proximal_logp=proximal,
+                        is_cap=t.is_cap)
         loss = float(parts.loss.detach())
         if not _finite(loss):
             raise NonFinite(f"loss is {loss} at {where}")
@@ -270,10 +297,23 @@ class Learner:
             logp = token_logprobs(tempered(logits, batch.temperature), batch.targets)    # [B, T]
             for row, i in enumerate(idx):
                 cache[i] = logp[row, :int(batch.mask[row].sum())].clone()
-        out = torch.zeros_like(batch.behaviour_logp)
-        for row, i in enumerate(idx):
-            out[row, :len(cache[i])] = cache[i]
-        return out
+        return _gather(cache, idx, batch.behaviour_logp)
+
+    @torch.no_grad()
+    def _proximal(self, model, examples: list[Example], pad: int, chunk: int) -> dict[int, torch.Tensor]:
+        """log π of every reply's tokens under the candidate before its first step, in fp32
+        (the decoupled-PPO anchor, trainer/loss.py): example index → [t]."""
+        was_training = model.training
+        model.eval()
+        cache: dict[int, torch.Tensor] = {}
+        for start in range(0, len(examples), chunk):
+            idx = list(range(start, min(start + chunk, len(examples))))
+            batch = collate([examples[i] for i in idx], pad)
+            logp = token_logprobs(tempered(reply_logits(model, batch), batch.temperature), batch.targets)
+            for row, i in enumerate(idx):
+                cache[i] = logp[row, :int(batch.mask[row].sum())].clone()
+        model.train(was_training)
+        return cache
 
     def gates(self, model, reference, loss: float, stop: threading.Event, cfg: Config | None = None,
               tcfg: TrainerConfig | None = None) -> GateReport:

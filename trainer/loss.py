@@ -15,6 +15,19 @@ Three log-probability tensors, all for the *same* sampled tokens:
     behaviour_logp  log pi_old(token)    - policy that actually produced the
                                            reply (recorded at sampling time)
     ref_logp        log pi_ref(token)    - frozen base model (adapter off)
+and optionally
+    proximal_logp   log pi_prox(token)   - the candidate before its first step,
+                                           recomputed in fp32 by the trainer
+
+Why a fourth: the serving engine samples with int8 weights (bot/ct2_engine.py), so the
+recorded behaviour numbers are not what the fp32 trainer computes for the same model
+(measured on the default model: mean |log ratio| 0.19 per token, 30% of tokens outside
+PPO's 0.8-1.25 window, docs/PERFORMANCE.md). With the plain ratio pi_theta / pi_behaviour
+PPO would clip those tokens before learning anything. So, as in decoupled PPO with
+truncated importance sampling (TIS): the clipped ratio is pi_theta / pi_prox (exactly 1
+at the first step), and each token's term is weighted by min(pi_prox / pi_behaviour, C),
+the off-policy correction, truncated at C (``is_cap``) so that a token the engine found
+unlikely cannot blow up a round.
 """
 
 from __future__ import annotations
@@ -38,7 +51,8 @@ class LossParts:
     pg: Tensor  # masked mean of the clipped policy-gradient term
     kl: Tensor  # masked mean of the KL term (k3 or exact; before kl_coef)
     clip_frac: Tensor  # fraction of real tokens where clipping was active
-    ratio_mean: Tensor  # masked mean of rho = pi_theta / pi_behaviour
+    ratio_mean: Tensor  # masked mean of rho = pi_theta / pi_prox (pi_behaviour without proximal_logp)
+    is_weight: Tensor  # masked mean of the truncated importance weight (1 without proximal_logp)
 
 
 # --------------------------------------------------------------------------
@@ -129,6 +143,8 @@ def pg_loss(
     clip_eps: float = 0.2,
     kl_coef: float = 0.05,
     kl_tokens: Tensor | None = None,
+    proximal_logp: Tensor | None = None,
+    is_cap: float = 2.0,
 ) -> LossParts:
     """PPO-clip surrogate + KL penalty, averaged over all real tokens.
 
@@ -144,6 +160,8 @@ def pg_loss(
 
     kl_tokens: [B, T] per-position KL with grad (e.g. :func:`full_kl`); when given it
     replaces k3 in the penalty (ref_logp is then unused apart from its shape).
+    proximal_logp: [B, T] (see the module doc): rho becomes exp(new_logp - proximal_logp)
+    and pg_term is weighted by min(exp(proximal_logp - behaviour_logp), is_cap).
     """
     _check_shapes(new_logp, behaviour_logp, ref_logp, advantages, mask)
     if not 0.0 < clip_eps < 1.0:
@@ -154,6 +172,7 @@ def pg_loss(
     # Only new_logp is trained. The behaviour policy's numbers were recorded at
     # sampling time and the reference model is frozen: neither may get grad.
     behaviour_logp = behaviour_logp.detach()
+    anchor = behaviour_logp if proximal_logp is None else proximal_logp.detach()
     ref_logp = ref_logp.detach()
     adv = advantages.detach().to(new_logp.dtype).unsqueeze(1)  # [B, 1], broadcasts over T
 
@@ -166,11 +185,13 @@ def pg_loss(
     # would give inf, and inf * 0 = NaN. So zero the log-ratios there *before*
     # exponentiating: padded tokens then have rho = 1, k3 = 0 and zero grad.
     zero = torch.zeros((), dtype=new_logp.dtype, device=new_logp.device)
-    log_ratio = torch.where(real, new_logp - behaviour_logp, zero)  # [B, T]
+    log_ratio = torch.where(real, new_logp - anchor, zero)  # [B, T]
     log_r_ref = torch.where(real, ref_logp - new_logp, zero)  # [B, T]
+    is_w = torch.exp(torch.where(real, anchor - behaviour_logp, zero)).clamp(max=is_cap)  # [B, T], 1 w/o prox
 
     ratio = torch.exp(log_ratio)  # [B, T]  rho
     pg_term, clip_active = _clipped_surrogate(ratio, adv, clip_eps, real)  # [B, T] each
+    pg_term = pg_term * is_w
     k3 = _kl_penalty(log_r_ref, kl_tokens, real, zero)  # [B, T]
 
     # --- Token-level masked mean over the whole batch -----------------------
@@ -184,8 +205,9 @@ def pg_loss(
         kl = (k3 * weight).sum() / n_tokens
         clip_frac = clip_active.to(new_logp.dtype).sum() / n_tokens
         ratio_mean = (ratio * weight).sum() / n_tokens
+        is_weight = (is_w * weight).sum() / n_tokens
 
-    return LossParts(loss=loss, pg=pg, kl=kl, clip_frac=clip_frac, ratio_mean=ratio_mean)
+    return LossParts(loss=loss, pg=pg, kl=kl, clip_frac=clip_frac, ratio_mean=ratio_mean, is_weight=is_weight)
 
 
 def _clipped_surrogate(ratio: Tensor, adv: Tensor, clip_eps: float, real: Tensor) -> tuple[Tensor, Tensor]:

@@ -246,4 +246,6 @@ def _metrics(r: _Round, cand: Candidate, stats: TrainStats, report: GateReport) 
             "last_reply_id": max(e.reply_id for e in r.examples),
             "loss": stats.loss, "train_kl": stats.kl, "pg": stats.pg, "clip_frac": stats.clip_frac,
             "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
+            "offpolicy_mean": stats.offpolicy_mean, "offpolicy_max": stats.offpolicy_max,
+            "is_truncated": stats.is_truncated,
             "kind": cand.kind, "start": cand.note, "seconds": r.timings, **report.as_metrics()}
