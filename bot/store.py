@@ -11,6 +11,7 @@ trainer reads them back exactly, and the file stays readable with the sqlite3 CL
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
@@ -168,6 +169,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path):
         self.db = db
         self.path = path
+        # One connection serves many coroutines: a write from one must not land inside another's
+        # open transaction (it would commit or roll back with it), so writes take turns.
+        self._writing = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path | str, *, busy_timeout_ms: int = 10_000) -> "Store":
@@ -227,25 +231,30 @@ class Store:
     async def transaction(self):
         """Several statements as one write transaction: all of them, or none on any error.
         IMMEDIATE takes the write lock at the start, so two processes never deadlock."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+        async with self._writing:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    # Reads fetch everything in one call: a cursor left open between execute and fetch keeps a
+    # read snapshot that a write from another coroutine on this connection, after the trainer
+    # committed, can't upgrade: SQLite then answers "database is locked" at once, busy timeout
+    # or not (seen in bench/swap.py).
 
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> aiosqlite.Row | None:
-        async with self.db.execute(sql, tuple(args)) as cur:
-            return await cur.fetchone()
+        rows = await self.db.execute_fetchall(sql, tuple(args))
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.db.execute(sql, tuple(args)) as cur:
-            return list(await cur.fetchall())
+        return list(await self.db.execute_fetchall(sql, tuple(args)))
 
     async def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
         """One statement in its own short transaction; returns lastrowid (or rowcount for updates)."""
-        async with self.db.execute(sql, tuple(args)) as cur:
+        async with self._writing, self.db.execute(sql, tuple(args)) as cur:
             return cur.lastrowid if sql.lstrip().upper().startswith("INSERT") else cur.rowcount
 
     # -- messages and replies -------------------------------------------------
