@@ -26,11 +26,14 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from bot import versions
 from bot.policy_types import VersionError
@@ -64,13 +67,12 @@ def fingerprint(model) -> str:
 def convert(model, tokenizer, out_dir: Path, temperature: float) -> Path:
     """Convert a torch causal LM to a CTranslate2 folder with the output layer scaled by
     1/temperature (see the module doc). Atomic: a crash leaves no half folder at ``out_dir``."""
-    import ctranslate2
-
     out_dir = Path(out_dir)
     if (out_dir / "model.bin").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    hf_logging.disable_progress_bar()            # no "Writing model shards" bar in the bot's log
     with tempfile.TemporaryDirectory(prefix="reactlearn-ct2-", dir=out_dir.parent) as tmp:
         scaled = copy.deepcopy(model).to(torch.float32)
         head = scaled.get_output_embeddings()
@@ -80,7 +82,7 @@ def convert(model, tokenizer, out_dir: Path, temperature: float) -> Path:
         scaled.save_pretrained(hf_dir, safe_serialization=True)
         tokenizer.save_pretrained(hf_dir)
         del scaled
-        ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(staging), quantization=QUANTIZATION)
+        _run_converter(hf_dir, staging)
         try:
             os.rename(staging, out_dir)
         except OSError:                  # another process converted it meanwhile
@@ -88,6 +90,17 @@ def convert(model, tokenizer, out_dir: Path, temperature: float) -> Path:
                 raise
     log.info("converted to CTranslate2 %s in %.1fs: %s", QUANTIZATION, time.monotonic() - started, out_dir)
     return out_dir
+
+
+def _run_converter(hf_dir: Path, out_dir: Path) -> None:
+    """CTranslate2's converter in a child process: it is Python-heavy, and in this process it
+    would hold the GIL for seconds and stall the bot's event loop (docs/PERFORMANCE.md)."""
+    cmd = [sys.executable, "-W", "ignore", "-c", "from ctranslate2.converters.transformers import main; main()",
+           "--model", str(hf_dir), "--output_dir", str(out_dir), "--quantization", QUANTIZATION]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the CTranslate2 converter failed (exit {done.returncode}): {last}")
 
 
 class CT2Engine:
@@ -109,8 +122,12 @@ class CT2Engine:
         return self.work_dir / f"{name}-T{self.temperature:g}-{QUANTIZATION}"
 
     def _load(self, folder: Path):
-        return self.ct2.Generator(str(folder), device="cpu", compute_type=QUANTIZATION,
-                                  inter_threads=self.lanes, intra_threads=1)
+        threads = torch.get_num_threads()     # CTranslate2 sets the process's OpenMP threads to intra_threads;
+        try:                                  # torch (merging versions, a trainer in the same process) keeps its own
+            return self.ct2.Generator(str(folder), device="cpu", compute_type=QUANTIZATION,
+                                      inter_threads=self.lanes, intra_threads=1)
+        finally:
+            torch.set_num_threads(threads)
 
     # -- sampling ---------------------------------------------------------------
 
