@@ -3,12 +3,21 @@
 Adapters translate platform events into ``bot.events`` payloads and call:
 
     reply_id = await core.on_message(msg, history, send)   # send(text) -> [platform ids]
+    reply_id = await core.on_message(msg, history, send, stream)   # shown as it is written
     outcome  = await core.on_reaction(reaction)
     result   = await core.on_command(command)
     await core.run_background({"discord": post})            # hot-swap + posting train results
 
 A reply is written to the store before it is sent, so a crash while sending loses
 nothing the trainer needs; the platform ids are linked once the send returns.
+
+Streaming: with a ``ReplyStream`` the person sees the reply while it is written. The policy's
+``on_partial`` only remembers the newest text; a pacing task (``Pacer``) shows the first text
+at once (``stream.start``) and then the newest text at most every ``stream.min_interval``
+seconds (``stream.update``). When generation ends the reply row is stored, then
+``stream.finish(final text)`` delivers it and its platform ids are linked. A failed start or
+update is logged once and ends the streaming of that reply; a failed finish falls back to
+``send``. Either way the person gets the final text, stored and linked.
 
 The core knows no platform: what differs between Discord, Slack and the console arrives in
 the payloads (``Message.mentions_bot``, ``Message.rate_limited``, ``Command.prefix``,
@@ -27,9 +36,10 @@ from typing import Awaitable, Callable
 
 from bot.config import Config
 from bot.events import Command, CommandResult, HistoryItem, Message, Reaction
-from bot.policy_types import Busy, PolicyLike, Turn, VersionError
+from bot.policy_types import Busy, Generation, PolicyLike, Turn, VersionError
 from bot.rewards import RewardMap, canonical
 from bot.store import Store
+from bot.streaming import Pacer, ReplyStream
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +96,12 @@ class ChatCore:
         limit = self.cfg.chat.max_message_chars
         return text if len(text) <= limit else text[-limit:]
 
-    async def on_message(self, msg: Message, history: list[HistoryItem], send: Send) -> int | None:
-        """Answer ``msg`` if it is addressed to the bot. Returns the reply id, or None."""
+    async def on_message(self, msg: Message, history: list[HistoryItem], send: Send,
+                         stream: ReplyStream | None = None) -> int | None:
+        """Answer ``msg`` if it is addressed to the bot. Returns the reply id, or None.
+
+        Notices (rate limit, busy, error) go through ``send``; the reply too without a
+        ``stream``, else it is shown on ``stream`` while it is written (see the module doc)."""
         if not self.wants_reply(msg):
             return None
         if self._rate_limited(msg):
@@ -97,25 +111,49 @@ class ChatCore:
             return None
         message_row = await self.store.add_message(msg.platform, msg.message_id, msg.channel_id, msg.author_id,
                                                    msg.author_name, self._clip(msg.text))
+        pacer = Pacer(stream) if stream is not None else None
         try:
-            gen = await self.policy.generate(self.turns(msg, history))
+            gen = await self._generate(self.turns(msg, history), pacer)
         except Busy:
             log.warning("busy: queue full, told %s/%s to retry", msg.platform, msg.author_id)
-            await send(BUSY_TEXT)
+            await self._notice(BUSY_TEXT, send, pacer)
             return None
         except Exception:  # noqa: BLE001 - a failed generation must still answer the person
             log.exception("generation failed for message %s", msg.message_id)
-            await send(ERROR_TEXT)
+            await self._notice(ERROR_TEXT, send, pacer)
             return None
         reply_id = await self.store.add_reply(
             msg.platform, msg.channel_id, message_row, gen.version, gen.text, gen.prompt_ids, gen.output_ids,
             gen.logprobs, gen.temperature, gen.top_p, gen.max_new_tokens)
-        platform_ids = await send(gen.text or EMPTY_TEXT)
+        platform_ids = await self._deliver(gen.text or EMPTY_TEXT, send, pacer)
         for pid in platform_ids:
             await self.store.link_reply_message(reply_id, msg.platform, pid)
-        log.info("reply #%d on %s/%s by v%d: %d tokens in %.1fs", reply_id, msg.platform, msg.channel_id,
-                 gen.version, len(gen.output_ids), gen.seconds)
+        log.info("reply #%d on %s/%s by v%d: %d tokens in %.1fs%s", reply_id, msg.platform, msg.channel_id,
+                 gen.version, len(gen.output_ids), gen.seconds, " (streamed)" if pacer and pacer.started else "")
         return reply_id
+
+    async def _generate(self, turns: list[Turn], pacer: Pacer | None) -> Generation:
+        if pacer is None:
+            return await self.policy.generate(turns)
+        pacer.open()
+        try:
+            return await self.policy.generate(turns, on_partial=pacer.on_partial)
+        finally:
+            await pacer.close()
+
+    async def _deliver(self, text: str, send: Send, pacer: Pacer | None) -> list[str]:
+        """The final text through the stream (or ``send`` without one, or when finish fails)."""
+        if pacer is None:
+            return await send(text)
+        try:
+            return await pacer.stream.finish(text)
+        except Exception:  # noqa: BLE001 - never lose the reply: post it afresh
+            log.warning("finishing a streamed reply failed; sending it afresh", exc_info=True)
+            return await send(text)
+
+    async def _notice(self, text: str, send: Send, pacer: Pacer | None) -> None:
+        """A notice replaces the text shown so far, if any; else it is sent."""
+        await self._deliver(text, send, pacer if pacer is not None and pacer.started else None)
 
     # -- reactions ------------------------------------------------------------
 

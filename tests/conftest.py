@@ -11,13 +11,24 @@ from bot.chat import ChatCore
 from bot.config import Config, build
 from bot.policy import Policy
 from bot.store import Store
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import build_endless_model, build_tiny_model
 from tests.trainer_helpers import store_for  # noqa: F401  (a fixture: await store_for(cfg))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def endless_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model that never ends a reply early: every reply runs to max_new_tokens."""
+    return build_endless_model(tmp_path_factory.mktemp("models") / "endless", tiny_model_dir)
+
+
+# Streamed-reply tests: 300 tokens on the reference torch engine take a few tenths of a second
+# on a CPU, so a reply is still being written across several pacing intervals of 0.1-0.15 s.
+STREAMING = {"sampling": {"max_new_tokens": 300, "temperature": 1.5}, "serving": {"engine": "torch"}}
 
 
 def make_config(tmp_path: Path, model_dir: Path, **sections) -> Config:

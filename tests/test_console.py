@@ -29,15 +29,17 @@ def test_console_through_a_pipe(tmp_path, tiny_model_dir):
     out = run_bot(["--config", str(config)], stdin=script)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("bot [#1]> ")
+    db = sqlite3.connect(tmp_path / "data" / "reactlearn.sqlite3")
+    texts = dict(db.execute("SELECT id, text FROM replies"))
+    # each reply is printed as it grows on a "bot> " line, ended by its id once stored
+    assert lines[0].startswith("bot> ") and out.stdout.startswith(f"bot> {texts[1] or '…'} [#1]\n")
     assert "(👍 on #1)" in lines
-    assert any(line.startswith("bot [#2]> ") for line in lines)
+    assert f"\nbot> {texts[2] or '…'} [#2]\n" in out.stdout
     assert "(👎 on #1)" in lines and "(👎 on #2)" in lines
     assert "Replies: 2, votes: 2, rated replies: 2" in out.stdout
     assert "  v0 (active): liked 0% of 2" in lines      # the versions list in /status
     assert "(there is no reply #99)" in lines
     assert "There is no version 7." in lines
-    db = sqlite3.connect(tmp_path / "data" / "reactlearn.sqlite3")
     votes = db.execute("SELECT reply_id, user_id, emoji, value FROM votes ORDER BY reply_id").fetchall()
     assert votes == [(1, "you", "👎", -1.0), (2, "you", "👎", -1.0)]      # /down replaced the earlier +
     prompt, output, logprobs = db.execute("SELECT prompt_ids, output_ids, logprobs FROM replies WHERE id = 1").fetchone()

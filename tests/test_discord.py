@@ -21,7 +21,7 @@ from bot.config import Config, validate
 from bot.events import Reaction
 from bot.policy import Policy
 from bot.store import Store
-from tests.conftest import make_config
+from tests.conftest import STREAMING, make_config
 from tests.fakes.discord import (
     ALICE_ID,
     BOB_ID,
@@ -144,11 +144,13 @@ async def fake():
 
 @pytest_asyncio.fixture
 async def start_bot(fake, tmp_path, tiny_model_dir):
-    """``await start_bot(background=False, model_dir=None, **config sections)`` → a running Bot."""
+    """``await start_bot(background=False, model_dir=None, edit_seconds=None, **config sections)``
+    → a running Bot."""
     stack = contextlib.AsyncExitStack()
     _outcomes.clear()
 
-    async def start(*, background: bool = False, model_dir: Path | None = None, **sections) -> Bot:
+    async def start(*, background: bool = False, model_dir: Path | None = None, edit_seconds: float | None = None,
+                    **sections) -> Bot:
         cfg = discord_config(tmp_path, model_dir or tiny_model_dir, **sections)
         store = await Store.open(cfg.db_path)
         stack.push_async_callback(store.close)
@@ -156,7 +158,8 @@ async def start_bot(fake, tmp_path, tiny_model_dir):
         stack.callback(policy.close)
         core = ChatCore(cfg, store, policy)
         record_reaction_outcomes(core)
-        adapter = DiscordAdapter(core, cfg, guild_ready_timeout=0.1)
+        adapter = DiscordAdapter(core, cfg, guild_ready_timeout=0.1,
+                                 **({"edit_seconds": edit_seconds} if edit_seconds is not None else {}))
         await stack.enter_async_context(running_client(fake, adapter.client, token=FAKE_TOKEN))
         if background:
             task = asyncio.create_task(core.run_background({"discord": adapter.post}))
@@ -424,6 +427,58 @@ async def _equals(awaitable, value) -> bool:
     return (await awaitable) == value
 
 
+# -- streamed replies ----------------------------------------------------------------------
+
+EDIT = 0.15      # seconds between edits here (Discord's pace is EDIT_SECONDS, 1.2)
+EDIT_ROUTE = r"/channels/\d+/messages/\d+"
+
+
+async def test_streamed_reply_is_edited_in_place(start_bot, endless_model_dir):
+    bot = await start_bot(model_dir=endless_model_dir, edit_seconds=EDIT, **STREAMING)
+    fake = bot.fake
+    msg, first = await bot.ask(BOT_CHAT_ID, BOB_ID, "tell me a long story")
+    rid = await bot.reply_id(first)
+    r = await bot.store.get_reply(rid)
+    assert len(r.output_ids) == len(r.logprobs) == 300 and len(r.text) <= LIMIT
+    # one message, posted with the first words, then edited in place as the reply grew
+    history = fake.content_history(first["id"])
+    assert len(history) >= 3, history                               # posted, >= 1 edit on the way, final
+    assert history[-1] == first["content"] == r.text                # the stored text is what people see
+    assert all(len(a) < len(b) and b.startswith(a) for a, b in zip(history, history[1:]))
+    assert first["message_reference"]["message_id"] == msg["id"]
+    assert len(fake.bot_messages_in(BOT_CHAT_ID)) == 1
+    paced = [e["at"] for e in fake.edits_of(first["id"])][:-1]      # the last edit is the final text
+    assert all(b - a >= EDIT - 0.05 for a, b in zip(paced, paced[1:])), paced
+    # vote buttons on the final reply; a vote counts
+    assert await bot.seeded(first) == [UP, DOWN]
+    assert await react(fake, BOT_CHAT_ID, first["id"], ALICE_ID, UP) == "added"
+    assert await bot.store.votes_for(rid) == [(str(ALICE_ID), UP, 1.0)]
+
+
+@pytest.mark.parametrize("failing", [1, None], ids=["one-edit-fails", "every-edit-fails"])
+async def test_a_failing_edit_never_loses_the_reply(start_bot, endless_model_dir, failing):
+    bot = await start_bot(model_dir=endless_model_dir, edit_seconds=EDIT, **STREAMING)
+    fake = bot.fake
+    fake.fail("PATCH", EDIT_ROUTE, times=failing)
+    msg, first = await bot.ask(BOT_CHAT_ID, BOB_ID, "tell me a long story")
+    if failing == 1:       # streaming stopped at the failed edit; the final edit still went through
+        final = first
+    else:                  # the final edit failed too: the reply is posted afresh
+        final = await bot.fake.wait_bot_message(BOT_CHAT_ID, timeout=20)
+    rid = await bot.reply_id(final)
+    r = await bot.store.get_reply(rid)
+    assert final["content"] == r.text and final["message_reference"]["message_id"] == msg["id"]
+    assert [m["id"] for m in fake.bot_messages_in(BOT_CHAT_ID)] == \
+        [first["id"]] + ([final["id"]] if final is not first else [])
+    # one failed edit stops the streaming: then only the final text is tried
+    assert [m for m, _ in fake.failed_requests] == ["PATCH"] * (1 if failing == 1 else 2)
+    assert len(fake.message_edits) == (1 if failing == 1 else 0)
+    assert await bot.seeded(final) == [UP, DOWN]
+    assert {x["message_id"] for x in fake.reactions_by_bot} == {int(final["id"])}
+    assert await react(fake, BOT_CHAT_ID, final["id"], ALICE_ID, DOWN) == "added"
+    assert await bot.store.votes_for(rid) == [(str(ALICE_ID), DOWN, -1.0)]
+
+
 # -- reactions -----------------------------------------------------------------------------
 
 
@@ -594,8 +649,11 @@ async def _notified(store: Store, rid: int) -> bool:
 
 # -- the whole loop ----------------------------------------------------------------------------
 
+# The gates are opened wide: the tiny random model's probe replies are random bytes, which the
+# spam gate sometimes (about 1 run in 10) counts as emoji spam; this test is about the path.
 TRAINER = {"epochs": 4, "minibatch_size": 8, "lr": 5e-3, "lora_rank": 4, "lora_alpha": 8,
            "probe_max_new_tokens": 8, "max_kl": 50.0, "max_repetition": 1.0, "max_empty_share": 1.0,
+           "max_spam_share": 1.0,
            "settle_seconds": 0.0, "heartbeat_seconds": 0.2, "interval_seconds": 0.5, "min_new_ratings": 2}
 
 

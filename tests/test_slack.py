@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from bot.chat import ChatCore
 from bot.policy import Policy
 from bot.rewards import THUMBS_DOWN, THUMBS_UP
 from bot.store import Store
-from tests.conftest import make_config
+from tests.conftest import STREAMING, make_config
 from tests.fakes.slack_server import FakeSlack
 
 CMD = "/reactlearn"
@@ -52,15 +53,16 @@ async def running_slack(fake: FakeSlack, core: ChatCore, cfg, **kw):
 
 
 @contextlib.asynccontextmanager
-async def slack_bot(tmp_path: Path, model_dir: Path, **sections):
+async def slack_bot(tmp_path: Path, model_dir: Path, update_seconds: float | None = None, **sections):
     sections.setdefault("chat", {}).setdefault("rate_limit_per_minute", 0)
     cfg = make_config(tmp_path, model_dir, **sections)
     store = await Store.open(cfg.db_path)
     policy = Policy.from_config(cfg)
     core = ChatCore(cfg, store, policy)
+    kw = {"update_seconds": update_seconds} if update_seconds is not None else {}
     try:
         async with FakeSlack() as fake:
-            async with running_slack(fake, core, cfg) as adapter:
+            async with running_slack(fake, core, cfg, **kw) as adapter:
                 yield Bot(cfg, store, policy, core, adapter, fake)
                 for env in list(fake.envelopes):      # every envelope was acked (none left to retry)
                     await fake.wait_ack(env, timeout=5)
@@ -91,13 +93,20 @@ async def settle(fake: FakeSlack) -> None:
 
 
 async def ask(bot: Bot, channel: str, user: str, text: str, **kw) -> tuple[str, dict, int]:
-    """Post a message, wait for the bot's threaded reply and its reply row. Returns (ts, reply msg, reply id)."""
+    """Post a message, wait for the bot's threaded reply and its reply row. Returns (ts, reply msg
+    as it stands once linked: a streamed reply is updated in place, reply id)."""
     ts = await bot.fake.user_message(channel, user, text, **kw)
     root = kw.get("thread_ts") or ts
     reply = await bot.fake.wait_bot_message(channel, thread_ts=root)
     key = f"{reply['channel']}:{reply['ts']}"
     reply_id = await until(lambda: bot.store.reply_for_message("slack", key), what=f"reply row for {key}")
-    return ts, reply, reply_id
+    return ts, current(bot.fake, reply), reply_id
+
+
+def current(fake: FakeSlack, message: dict) -> dict:
+    """The bot message as it stands now (chat.update keeps ``fake.bot_messages`` current)."""
+    return copy.deepcopy(next(m for m in fake.bot_messages
+                              if m["channel"] == message["channel"] and m["ts"] == message["ts"]))
 
 
 def bot_messages_in_thread(fake: FakeSlack, channel: str, ts: str) -> list[dict]:
@@ -262,6 +271,60 @@ async def test_seeds_only_on_generated_replies(tmp_path, tiny_model_dir):
         await ask(bot, "C1", "U1", "one", mention_bot=True)
         await settle(bot.fake)
         assert bot.fake.calls_to("reactions.add") == []
+
+
+# -- streamed replies ------------------------------------------------------------
+
+UPDATE = 0.15      # seconds between chat.update calls here (the adapter's pace is 1.2)
+
+
+async def test_streamed_reply_is_updated_in_place(tmp_path, endless_model_dir):
+    async with slack_bot(tmp_path, endless_model_dir, update_seconds=UPDATE, **STREAMING) as bot:
+        fake = bot.fake
+        ts = await fake.user_message("C1", "U1", "tell me a long story", mention_bot=True)
+        first = await fake.wait_bot_message("C1", thread_ts=ts)
+        key = f"C1:{first['ts']}"
+        reply_id = await until(lambda: bot.store.reply_for_message("slack", key), what="reply row")
+        row = await bot.store.get_reply(reply_id)
+        assert len(row.output_ids) == len(row.logprobs) == 300
+        # one message, posted with the first words, then updated in place as the reply grew
+        history = fake.text_history("C1", first["ts"])
+        assert len(history) >= 3, history                       # posted, >= 1 update on the way, final
+        assert history[-1] == current(fake, first)["text"] == split_text(escape(row.text))[0]
+        assert all(len(a) < len(b) and b.startswith(a) for a, b in zip(history, history[1:]))
+        assert len(bot_messages_in_thread(fake, "C1", ts)) == 1
+        paced = [e["at"] for e in fake.edits_of("C1", first["ts"])][:-1]   # the last is the final text
+        assert all(b - a >= UPDATE - 0.05 for a, b in zip(paced, paced[1:])), paced
+        # seeds on the reply; a vote counts
+        await fake.wait_bot_reaction("C1", first["ts"], "+1")
+        await fake.wait_bot_reaction("C1", first["ts"], "-1")
+        await fake.react("C1", first["ts"], "U2", "+1")
+        assert await until(lambda: bot.store.votes_for(reply_id), what="vote") == [("U2", THUMBS_UP, 1.0)]
+        await settle(fake)
+        assert fake.unknown_calls == []
+
+
+@pytest.mark.parametrize("failing", [1, None], ids=["one-update-fails", "every-update-fails"])
+async def test_a_failing_update_never_loses_the_reply(tmp_path, endless_model_dir, failing):
+    async with slack_bot(tmp_path, endless_model_dir, update_seconds=UPDATE, **STREAMING) as bot:
+        fake = bot.fake
+        fake.fail("chat.update", "internal_error", times=failing)
+        ts = await fake.user_message("C1", "U1", "tell me a long story", mention_bot=True)
+        first = await fake.wait_bot_message("C1", thread_ts=ts)
+        # one failed update stops the streaming: then only the final text is tried; when that
+        # fails too, the reply is posted afresh in the thread
+        final = first if failing == 1 else await fake.wait_bot_message("C1", thread_ts=ts, timeout=20)
+        key = f"C1:{final['ts']}"
+        reply_id = await until(lambda: bot.store.reply_for_message("slack", key), what="reply row")
+        row = await bot.store.get_reply(reply_id)
+        assert current(fake, final)["text"] == split_text(escape(row.text))[0]
+        assert [c.ok for c in fake.calls_to("chat.update")] == ([False, True] if failing == 1 else [False, False])
+        assert len(bot_messages_in_thread(fake, "C1", ts)) == (1 if failing == 1 else 2)
+        await fake.wait_bot_reaction("C1", final["ts"], "+1")
+        await fake.react("C1", final["ts"], "U2", "-1")
+        assert await until(lambda: bot.store.votes_for(reply_id), what="vote") == [("U2", THUMBS_DOWN, -1.0)]
+        await settle(fake)
+        assert {r["ts"] for r in fake.bot_reactions} == {final["ts"]}
 
 
 # -- reactions -----------------------------------------------------------------

@@ -51,3 +51,27 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_size: int = 320) -> Path
     model.save_pretrained(folder, safe_serialization=True)
     fast.save_pretrained(folder)
     return folder
+
+
+def build_endless_model(folder: Path, base: Path) -> Path:
+    """The tiny model with its end-of-turn token outside the model's output vocabulary, so
+    every reply runs to ``max_new_tokens`` (about 1.3 characters a token): streaming tests need
+    replies that take a while to write, every time."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|never|>"]})
+    tok.eos_token = "<|never|>"
+    assert tok.convert_tokens_to_ids("<|never|>") == len(tok) - 1
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok) - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=len(tok) - 1,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,12 +1,14 @@
 """The console playground: the whole loop in a terminal or a pipe.
 
-    you> hello                 a message; the reply comes back tagged [#12]
+    you> hello                 a message; the reply is printed as it is written, tagged [#12]
     +  /  -                    vote 👍 / 👎 on the last reply
     /up 12  /down 12           vote on any reply by id (/unvote 12 takes your vote back)
     /retrain /status /rollback N /forget /help /quit
 
 Same chat core, store and policy as Discord and Slack. Input is read line by line
 from stdin, so it can be scripted: ``printf 'hi\\n+\\n/status\\n' | python -m bot``.
+A reply grows on one line, ``bot> `` and the text, and ends with its id once stored:
+``bot> I am fine [#12]``. Notices (busy, errors) are ``bot> `` lines without an id.
 """
 
 from __future__ import annotations
@@ -23,6 +25,59 @@ from bot.rewards import THUMBS_DOWN, THUMBS_UP
 PLATFORM = "console"
 CHANNEL = "console"
 HELP = __doc__.split("\n\n")[1]
+
+
+class ConsoleReply:
+    """One reply printed as it is written (a ``bot.streaming.ReplyStream``; ``send`` for notices).
+
+    The text grows on one ``bot> `` line (only the new end is written). Should the text
+    change anywhere but at its end, the final text is printed afresh on a new ``bot> `` line.
+    The line is left open: the console ends it with the reply's id tag (``end``)."""
+
+    min_interval = 0.0      # a terminal takes every token
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.shown: str | None = None    # what the open line shows, None before it is opened
+        self.text = ""                   # the final text once finished (or sent)
+
+    def _write(self, s: str) -> None:
+        self.out.write(s)
+        self.out.flush()
+
+    def _grow(self, text: str, final: bool = False) -> None:
+        if self.shown is None:
+            self._write(f"bot> {text}")
+        elif text.startswith(self.shown):
+            self._write(text[len(self.shown):])
+        elif final:
+            self._write(f" …\nbot> {text}")
+        else:
+            return                       # wait for the final text
+        self.shown = text
+
+    async def send(self, text: str) -> list[str]:
+        self.end()
+        self._write(f"bot> {text}\n")
+        self.text = text
+        return [f"r{time.time_ns()}"]
+
+    async def start(self, text: str) -> None:
+        self._grow(text)
+
+    async def update(self, text: str) -> None:
+        self._grow(text)
+
+    async def finish(self, text: str) -> list[str]:
+        self._grow(text, final=True)
+        self.text = text
+        return [f"r{time.time_ns()}"]
+
+    def end(self, tag: str = "") -> None:
+        """Close the open line, if any, with ``tag``."""
+        if self.shown is not None:
+            self._write(f"{tag}\n")
+            self.shown = None
 
 
 class Console:
@@ -61,20 +116,14 @@ class Console:
         msg = Message(PLATFORM, f"m{time.time_ns()}-{self._n}", CHANNEL, self.user, self.user, text,
                       mentions_bot=True, rate_limited=False)
 
-        sent: list[str] = []   # printed after on_message returns, tagged with the reply id
-
-        async def send_tagged(reply: str) -> list[str]:
-            sent.append(reply)
-            return [f"r{time.time_ns()}"]
-
-        reply_id = await self.core.on_message(msg, self.history, send_tagged)
-        reply = sent[0] if sent else ""
+        reply, reply_id = ConsoleReply(self.out), None
+        try:
+            reply_id = await self.core.on_message(msg, self.history, reply.send, reply)
+        finally:            # the reply's line ends with its id (a notice that replaced it: none)
+            reply.end(f" [#{reply_id}]" if reply_id is not None else "")
         if reply_id is not None:
             self.last_reply = reply_id
-            self.say(f"bot [#{reply_id}]> {reply}")
-            self.history += [HistoryItem(self.user, text, False), HistoryItem("bot", reply, True)]
-        elif reply:
-            self.say(f"bot> {reply}")
+            self.history += [HistoryItem(self.user, text, False), HistoryItem("bot", reply.text, True)]
 
     async def _vote(self, reply_id: int | None, up: bool | None) -> bool:
         if reply_id is None:

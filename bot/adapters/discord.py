@@ -1,5 +1,10 @@
 """Discord adapter: discord.py events → bot.events payloads → ChatCore. No business logic.
 
+A reply is streamed: the first part is posted as soon as the model has written a few words,
+then edited in place (PATCH) with the text so far at most every ``EDIT_SECONDS`` (Discord
+allows 5 edits per 5 s per channel); text past 2,000 characters continues in new messages,
+and the final text settles every part (``split_text``). Vote buttons go on the final reply.
+
 Reactions use the raw events (on_raw_reaction_add/remove), so votes on replies that
 are no longer in discord.py's message cache still count. Slash commands are checked
 for admin rights in ChatCore (Manage Server, or configured role/user ids), not only
@@ -22,6 +27,7 @@ from bot.events import Command, HistoryItem, Message, Reaction
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
 LIMIT = 2000   # Discord's message length limit
+EDIT_SECONDS = 1.2   # between edits of a streamed reply: Discord allows 5 per 5 s per channel
 USER_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
 
@@ -43,10 +49,52 @@ def split_text(text: str, limit: int = LIMIT) -> list[str]:
     return chunks + [text] if text else chunks or [""]
 
 
+class DiscordReply:
+    """One answer to one message: the ``send`` for notices and a ``bot.streaming.ReplyStream``.
+
+    ``parts`` are the messages showing the text now, in order; each call makes them show
+    ``split_text(text)``: parts whose chunk changed are edited in place, missing ones posted
+    (the first as a reply to the message). ``send`` starts afresh (new messages)."""
+
+    def __init__(self, message: discord.Message, min_interval: float = EDIT_SECONDS):
+        self.message = message
+        self.min_interval = min_interval
+        self.parts: list[discord.Message] = []
+
+    async def send(self, text: str) -> list[str]:
+        self.parts = []
+        return await self._show(text)
+
+    async def start(self, text: str) -> None:
+        await self._show(text)
+
+    async def update(self, text: str) -> None:
+        await self._show(text)
+
+    async def finish(self, text: str) -> list[str]:
+        return await self._show(text)
+
+    async def _show(self, text: str) -> list[str]:
+        chunks = split_text(text)
+        for i, chunk in enumerate(chunks):
+            if i < len(self.parts):
+                if self.parts[i].content != chunk:
+                    self.parts[i] = await self.parts[i].edit(content=chunk)
+                continue
+            # The first part answers the message; if it was deleted meanwhile, post without the link.
+            ref = self.message.to_reference(fail_if_not_exists=False) if i == 0 else None
+            self.parts.append(await self.message.channel.send(chunk, reference=ref))
+        if len(self.parts) > len(chunks):       # the text got shorter: a part is left over
+            log.warning("reply to %s: %d parts shown, %d needed", self.message.id, len(self.parts), len(chunks))
+        return [str(m.id) for m in self.parts[:len(chunks)]]
+
+
 class DiscordAdapter:
-    def __init__(self, core: ChatCore, cfg: Config, **client_options: Any):
+    def __init__(self, core: ChatCore, cfg: Config, *, edit_seconds: float = EDIT_SECONDS, **client_options: Any):
+        """``edit_seconds``: the least time between two edits of a streamed reply."""
         self.core = core
         self.cfg = cfg
+        self.edit_seconds = edit_seconds
         intents = discord.Intents.default()
         intents.message_content = True
         # Model output must never ping anyone (@everyone, roles, users), nor the person replied to.
@@ -136,24 +184,17 @@ class DiscordAdapter:
         if not self.core.wants_reply(msg):
             return
         history = await self._history(message)
-        sent: list[discord.Message] = []
-
-        async def send(text: str) -> list[str]:
-            # The first part answers the message; if it was deleted meanwhile, post without the link.
-            ref = message.to_reference(fail_if_not_exists=False)
-            for i, chunk in enumerate(split_text(text)):
-                sent.append(await message.channel.send(chunk, reference=ref if i == 0 else None))
-            return [str(m.id) for m in sent]
-
+        reply = DiscordReply(message, self.edit_seconds)
         async with message.channel.typing():
-            reply_id = await self.core.on_message(msg, history, send)
+            reply_id = await self.core.on_message(msg, history, reply.send, reply)
         # Vote buttons only on a model reply (not on the rate-limit / busy / error notices).
-        if reply_id is not None and sent:
+        if reply_id is not None and reply.parts:
+            first = reply.parts[0]
             for emoji in self.core.seed_emoji:
                 try:
-                    await sent[0].add_reaction(emoji)
+                    await first.add_reaction(emoji)
                 except discord.HTTPException as e:   # no Add Reactions permission, unknown emoji, ...
-                    log.warning("could not add %s to reply %s: %s", emoji, sent[0].id, e)
+                    log.warning("could not add %s to reply %s: %s", emoji, first.id, e)
                     break
 
     # -- reactions ------------------------------------------------------------

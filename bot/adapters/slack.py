@@ -18,6 +18,10 @@ Socket Mode needs no public URL: the app token (xapp-) opens a WebSocket, the bo
   with an ephemeral ``respond()``. Workspace admins and owners (users.info, cached for a
   minute) are platform admins; the admin decision itself is ChatCore's.
 
+A reply is streamed: posted (chat.postMessage) as soon as the model has written a few words,
+then updated in place (chat.update) with the text so far at most every ``UPDATE_SECONDS``;
+the final text settles every part, split as below. The seeds go on the first part.
+
 Platform message ids are ``"<channel>:<ts>"``: a Slack ts is unique only within its channel.
 Outgoing text is escaped (``&``, ``<``, ``>``) so a generated ``<!channel>`` or ``<@U…>``
 never pings anyone, and split at ``[slack] message_chars`` (default 4,000: Slack's guideline
@@ -52,6 +56,7 @@ LIMIT = 4000            # Slack's guideline for message text; chat.postMessage r
 RATE_LIMIT_RETRIES = 5  # 429 answers waited out per Web API call (Retry-After seconds each)
 USER_TTL = 60.0         # seconds users.info answers (names, admin/owner, is_bot) are cached
 THREAD_PAGES = 10       # conversations.replies pages (200 messages each) read for context
+UPDATE_SECONDS = 1.2    # between chat.update calls of a streamed reply (Slack: about 1 per second)
 
 # Message subtypes that carry something a person wrote; every other subtype
 # (message_changed, message_deleted, channel_join, ...) is ignored.
@@ -129,12 +134,64 @@ def _ts_key(ts: str) -> tuple[int, ...]:
     return tuple(int(p) for p in str(ts).split(".") if p.isdigit())
 
 
+class SlackReply:
+    """One answer in one thread: the ``send`` for notices and a ``bot.streaming.ReplyStream``.
+
+    ``parts`` ((channel, ts) of each message) show ``split_text(escape(text))``: a part whose
+    chunk changed is updated in place (chat.update), a missing one posted in the thread. A
+    later part that can't be posted is logged and left out (the reply keeps the parts that
+    are there); ``send`` starts afresh (new messages)."""
+
+    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str, limit: int,
+                 min_interval: float = UPDATE_SECONDS):
+        self.client, self.channel, self.thread_ts, self.limit = client, channel, thread_ts, limit
+        self.min_interval = min_interval
+        self.parts: list[tuple[str, str]] = []
+        self._shown: list[str] = []
+
+    async def send(self, text: str) -> list[str]:
+        self.parts, self._shown = [], []
+        return await self._show(text)
+
+    async def start(self, text: str) -> None:
+        await self._show(text)
+
+    async def update(self, text: str) -> None:
+        await self._show(text)
+
+    async def finish(self, text: str) -> list[str]:
+        return await self._show(text)
+
+    async def _show(self, text: str) -> list[str]:
+        chunks = split_text(escape(text), self.limit)
+        for i, chunk in enumerate(chunks):
+            if i < len(self.parts):
+                if self._shown[i] != chunk:
+                    await self.client.chat_update(channel=self.parts[i][0], ts=self.parts[i][1], text=chunk)
+                    self._shown[i] = chunk
+                continue
+            try:
+                resp = await self.client.chat_postMessage(channel=self.channel, thread_ts=self.thread_ts, text=chunk,
+                                                          unfurl_links=False, unfurl_media=False)
+            except SlackApiError as e:
+                if not self.parts:
+                    raise
+                log.error("slack: part %d of a reply in %s failed: %s", i + 1, self.channel, e.response.get("error"))
+                break
+            self.parts.append((resp["channel"], resp["ts"]))
+            self._shown.append(chunk)
+        return [message_key(c, ts) for c, ts in self.parts[:len(chunks)]]
+
+
 class SlackAdapter:
-    def __init__(self, core: ChatCore, cfg: Config, *, client: AsyncWebClient | None = None):
+    def __init__(self, core: ChatCore, cfg: Config, *, client: AsyncWebClient | None = None,
+                 update_seconds: float = UPDATE_SECONDS):
         """``client``: a ready AsyncWebClient (tests point one at a fake); by default one is
-        built from the bot token and ``[slack] api_url`` when ``start`` runs."""
+        built from the bot token and ``[slack] api_url`` when ``start`` runs. ``update_seconds``:
+        the least time between two updates of a streamed reply."""
         self.core = core
         self.cfg = cfg
+        self.update_seconds = update_seconds
         self.client = client
         self.app: AsyncApp | None = None
         self.handler: AsyncSocketModeHandler | None = None
@@ -311,28 +368,12 @@ class SlackAdapter:
             raw = await self._channel_history(channel, before=ts)
         history = [h for h in [await self._item(m) for m in raw] if h is not None]
         root = thread_ts or ts
-        posted: list[tuple[str, str]] = []          # (channel, ts) of each part sent
-
-        async def send(text: str) -> list[str]:
-            self._remember(self._threads, (channel, root), True)
-            ids: list[str] = []
-            for i, chunk in enumerate(split_text(escape(text), self.cfg.slack.message_chars)):
-                try:
-                    resp = await self.client.chat_postMessage(channel=channel, thread_ts=root, text=chunk,
-                                                              unfurl_links=False, unfurl_media=False)
-                except SlackApiError as e:
-                    if not ids:
-                        raise
-                    log.error("slack: part %d of a reply in %s failed: %s", i + 1, channel, e.response.get("error"))
-                    break
-                ids.append(message_key(resp["channel"], resp["ts"]))
-                posted.append((resp["channel"], resp["ts"]))
-            return ids
-
-        reply_id = await self.core.on_message(msg, history, send)
+        self._remember(self._threads, (channel, root), True)      # the bot is about to post here
+        reply = SlackReply(self.client, channel, root, self.cfg.slack.message_chars, self.update_seconds)
+        reply_id = await self.core.on_message(msg, history, reply.send, reply)
         # Seeds go on generated replies only (not on "busy" or "too fast" notes), on the first part.
-        if reply_id is not None and posted:
-            await self._seed(*posted[0])
+        if reply_id is not None and reply.parts:
+            await self._seed(*reply.parts[0])
 
     async def _seed(self, channel: str, ts: str) -> None:
         for emoji in self.core.seed_emoji:

@@ -32,8 +32,13 @@ HTTP routes:
   (records what ``respond()`` posts).
 
 Everything recorded is plain dicts in lists on the instance
-(``calls``, ``bot_messages``, ``bot_reactions``, ``ephemerals``,
+(``calls``, ``bot_messages``, ``bot_edits``, ``bot_reactions``, ``ephemerals``,
 ``envelopes``, ``messages``) so tests can also assert on them directly.
+
+``chat.update`` edits one of the bot's messages in place (its stored message and its
+``bot_messages`` record); :meth:`FakeSlack.text_history` keeps what a message said, posted
+then after each update, and a ``message_changed`` event is pushed as Slack does.
+:meth:`FakeSlack.fail` makes a method answer ``{"ok": false, "error": ...}``.
 """
 
 from __future__ import annotations
@@ -174,8 +179,10 @@ class FakeSlack:
         self.calls: List[ApiCall] = []
         #: API method names that the fake does not know
         self.unknown_calls: List[ApiCall] = []
-        #: messages posted by the bot via chat.postMessage (copies with "channel")
+        #: messages posted by the bot via chat.postMessage (copies with "channel"; chat.update keeps them current)
         self.bot_messages: List[Dict[str, Any]] = []
+        #: successful chat.update calls: {"channel","ts","text","at"} (at: time.monotonic())
+        self.bot_edits: List[Dict[str, Any]] = []
         #: reactions the bot added: {"channel","ts","name","removed": bool}
         self.bot_reactions: List[Dict[str, Any]] = []
         #: chat.postEphemeral calls: {"channel","user","text",...}
@@ -187,6 +194,8 @@ class FakeSlack:
 
         self._envelopes_by_id: Dict[str, Envelope] = {}
         self._rate_limits: Dict[str, List[int]] = {}  # method -> [remaining, retry_after]
+        self._failures: Dict[str, List[Any]] = {}  # method -> [remaining (None: always), error]
+        self._text_history: Dict[tuple, List[str]] = {}  # (channel, ts) -> texts, oldest first
         self._consumed_bot_messages: set = set()
         self._ws: Optional[web.WebSocketResponse] = None
         self._all_ws: List[web.WebSocketResponse] = []
@@ -323,8 +332,25 @@ class FakeSlack:
         """
         self._rate_limits[method] = [times, retry_after]
 
+    def fail(self, method: str, error: str = "internal_error", times: Optional[int] = None) -> None:
+        """Answer the next ``times`` calls of ``method`` (None: every one, until
+        :meth:`clear_failures`) with HTTP 200 and ``{"ok": false, "error": error}``."""
+        self._failures[method] = [times, error]
+
+    def clear_failures(self) -> None:
+        self._failures.clear()
+
     # ------------------------------------------------------------------
     # inspection helpers
+
+    def text_history(self, channel: str, ts: str) -> List[str]:
+        """A message's text as posted, then after each chat.update, oldest first."""
+        msg = self.get_message(channel, ts)
+        return list(self._text_history.get((channel, ts), [msg["text"]] if msg else []))
+
+    def edits_of(self, channel: str, ts: str) -> List[Dict[str, Any]]:
+        """The successful chat.update calls on one message, oldest first."""
+        return [e for e in self.bot_edits if e["channel"] == channel and e["ts"] == ts]
 
     def calls_to(self, method: str) -> List[ApiCall]:
         """All recorded calls of one Web API method (including 429-answered ones)."""
@@ -759,6 +785,13 @@ class FakeSlack:
             return web.json_response(call.response, status=429, headers={"Retry-After": str(limit[1])})
 
         handler = self._METHODS.get(method)
+        failure = self._failures.get(method)
+        if handler is not None and failure and failure[0] != 0:
+            if failure[0] is not None:
+                failure[0] -= 1
+            call.response = {"ok": False, "error": failure[1]}
+            await self._notify()
+            return web.json_response(call.response)
         if handler is None:
             logger.warning("fake slack: unknown Web API method %s args=%r", method, args)
             self.unknown_calls.append(call)
@@ -850,6 +883,35 @@ class FakeSlack:
             event = {**copy.deepcopy(msg), "channel": channel, "event_ts": ts, "channel_type": _channel_type_for(channel)}
             await self.push_event(event)
         return {"ok": True, "channel": channel, "ts": ts, "message": copy.deepcopy(msg)}
+
+    async def _api_chat_update(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        """Edit one of the bot's messages: its text (and blocks/attachments when given)."""
+        channel = self._require_channel(args)
+        ts = str(args.get("ts") or "")
+        msg = self._require_message(channel, ts)
+        if msg.get("user") != self.BOT_USER_ID:
+            raise _ApiError("cant_update_message")
+        text = args.get("text") or ""
+        if not text and not args.get("blocks") and not args.get("attachments"):
+            raise _ApiError("no_text")
+        if len(text) > 40000:
+            raise _ApiError("msg_too_long")
+        self._text_history.setdefault((channel, ts), [msg["text"]]).append(text)
+        changes: Dict[str, Any] = {"text": text, "edited": {"user": self.BOT_USER_ID, "ts": self._next_ts()}}
+        for key in ("blocks", "attachments"):
+            if args.get(key):
+                changes[key] = args[key]
+        msg.update(changes)
+        for record in self.bot_messages:
+            if record["channel"] == channel and record["ts"] == ts:
+                record.update(copy.deepcopy(changes))
+        self.bot_edits.append({"channel": channel, "ts": ts, "text": text, "at": time.monotonic()})
+        await self._notify()
+        if self.echo_bot_messages and self.connected:
+            await self.push_event({"type": "message", "subtype": "message_changed", "hidden": True,
+                                   "channel": channel, "ts": changes["edited"]["ts"], "event_ts": changes["edited"]["ts"],
+                                   "channel_type": _channel_type_for(channel), "message": copy.deepcopy(msg)})
+        return {"ok": True, "channel": channel, "ts": ts, "text": text, "message": copy.deepcopy(msg)}
 
     async def _api_chat_post_ephemeral(self, args: Dict[str, Any]) -> Dict[str, Any]:
         channel = self._require_channel(args)
@@ -943,6 +1005,7 @@ class FakeSlack:
         "apps.connections.open": _api_apps_connections_open,
         "chat.postMessage": _api_chat_post_message,
         "chat.postEphemeral": _api_chat_post_ephemeral,
+        "chat.update": _api_chat_update,
         "reactions.add": _api_reactions_add,
         "reactions.remove": _api_reactions_remove,
         "conversations.replies": _api_conversations_replies,

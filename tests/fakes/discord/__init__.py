@@ -54,7 +54,12 @@ Behaviour that mirrors real Discord (and therefore matters to bot code):
   :class:`SlashNotPermitted`).
 * An interaction can be acknowledged only once (second callback -> HTTP 400,
   code 40060); followups before the acknowledgement -> 404 Unknown Webhook.
-* Sending an empty message or content > 2000 chars -> HTTP 400, like Discord.
+* Sending an empty message or content > 2000 chars -> HTTP 400, like Discord; so is
+  such an edit (``PATCH /channels/{id}/messages/{id}``, the bot's own messages only;
+  dispatched as MESSAGE_UPDATE). Edits are kept: ``message_edits``,
+  :meth:`FakeDiscord.content_history` (what a message said, posted then after each edit).
+* :meth:`FakeDiscord.fail` makes chosen routes answer with a Discord error (e.g. every
+  edit a 403), to test what the bot does when a call fails.
 * Unknown REST routes are logged and answered with 404 + JSON error body, and
   collected in :attr:`FakeDiscord.unknown_requests`.  Bugs inside the fake are
   answered with HTTP 400 (so discord.py does not retry/sleep) and collected in

@@ -1,19 +1,21 @@
 """The fake's HTTP REST API under ``/api/v10``: the request middleware (bot-token auth, the
 request log, bugs inside the fake answered as HTTP 400), Discord-shaped JSON errors, the routes
-discord.py calls for what the tests do (login, posting and fetching messages, history, the bot's
-own reactions, typing, opening a DM), and a 404 for every other route."""
+discord.py calls for what the tests do (login, posting, editing and fetching messages, history,
+the bot's own reactions, typing, opening a DM), a knob that makes chosen routes fail, and a 404
+for every other route."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from aiohttp import web
 
-from .state import BOT_ID, parse_emoji, sid
+from .state import BOT_ID, iso, parse_emoji, sid
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,13 @@ class RestMixin:
     Test-facing records: ``requests`` (``(method, path)`` of every REST request, path
     relative to ``/api/v10``), ``unknown_requests`` (those no route matched),
     ``bot_messages`` (what the bot POSTed to channels, DMs included), ``reactions_by_bot``
-    (``{"channel_id", "message_id", "emoji", "action"}``, action ``"add"``) and
-    ``typing_calls`` (channel ids). Relies on the world, ``dispatch``, ``_apply_reaction``,
-    ``internal_errors`` and ``_bump`` of the composed class.
+    (``{"channel_id", "message_id", "emoji", "action"}``, action ``"add"``),
+    ``typing_calls`` (channel ids), ``message_edits`` (each successful ``PATCH`` of a
+    message: ``{"channel_id", "message_id", "content", "at"}``, ``at`` from time.monotonic)
+    and ``failed_requests`` (``(method, path)`` answered with an error by :meth:`fail`).
+    A message the bot posted is a live dict: an edit changes it in ``bot_messages`` too, and
+    :meth:`content_history` keeps what it said before. Relies on the world, ``dispatch``,
+    ``_apply_reaction``, ``internal_errors`` and ``_bump`` of the composed class.
     """
 
     def _init_rest(self) -> None:
@@ -84,9 +90,44 @@ class RestMixin:
         self.bot_messages: List[Dict[str, Any]] = []
         self.reactions_by_bot: List[Dict[str, Any]] = []
         self.typing_calls: List[int] = []
+        self.message_edits: List[Dict[str, Any]] = []
+        self.failed_requests: List[Tuple[str, str]] = []
+        self._failures: List[Dict[str, Any]] = []
+        self._content_history: Dict[int, List[str]] = {}
 
     def bot_messages_in(self, channel_id: int) -> List[Dict[str, Any]]:
         return [m for m in self.bot_messages if int(m["channel_id"]) == int(channel_id)]
+
+    def content_history(self, message_id: Union[int, str]) -> List[str]:
+        """A message's content as posted, then after each edit, oldest first."""
+        msg = self.get_message(int(message_id))
+        current = [msg["content"]] if msg is not None else []
+        return list(self._content_history.get(int(message_id), current))
+
+    def edits_of(self, message_id: Union[int, str]) -> List[Dict[str, Any]]:
+        """The successful edits of one message, oldest first."""
+        return [e for e in self.message_edits if e["message_id"] == int(message_id)]
+
+    def fail(self, method: str, path: str, *, status: int = 403, code: int = 50013,
+             message: str = "Missing Permissions", times: Optional[int] = None) -> None:
+        """Answer requests ``method`` on paths matching the regex ``path`` (relative to
+        ``/api/v10``, e.g. ``"/channels/[0-9]+/messages/[0-9]+"``) with a Discord error, the
+        next ``times`` of them (None: all until :meth:`clear_failures`). Not a 429 or 5xx,
+        which discord.py would retry."""
+        self._failures.append({"method": method.upper(), "path": re.compile(path), "left": times,
+                               "status": status, "code": code, "message": message})
+
+    def clear_failures(self) -> None:
+        self._failures.clear()
+
+    def _failure_for(self, method: str, rel: str) -> Optional[web.Response]:
+        for f in self._failures:
+            if f["method"] == method and f["path"].fullmatch(rel) and f["left"] != 0:
+                if f["left"] is not None:
+                    f["left"] -= 1
+                self.failed_requests.append((method, rel))
+                return error(f["status"], f["code"], f["message"])
+        return None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -100,6 +141,10 @@ class RestMixin:
             if needs_auth and self.token is not None and request.headers.get("Authorization") != f"Bot {self.token}":
                 await self._bump()
                 return error(401, 0, "401: Unauthorized")
+            failure = self._failure_for(request.method, rel)
+            if failure is not None:
+                await self._bump()
+                return failure
         try:
             resp = await handler(request)
         except web.HTTPException:
@@ -119,6 +164,7 @@ class RestMixin:
         router.add_post(p + "/channels/{cid}/messages", self._h_post_message)
         router.add_get(p + "/channels/{cid}/messages", self._h_history)
         router.add_get(p + "/channels/{cid}/messages/{mid}", self._h_get_message)
+        router.add_patch(p + "/channels/{cid}/messages/{mid}", self._h_edit_message)
         router.add_put(p + "/channels/{cid}/messages/{mid}/reactions/{emoji}/@me", self._h_add_own_reaction)
         router.add_post(p + "/channels/{cid}/typing", self._h_typing)
 
@@ -246,6 +292,38 @@ class RestMixin:
         msg, err = self._check_message(cid, request.match_info["mid"])
         if err:
             return err
+        return json_response(self._message_view(msg))
+
+    async def _h_edit_message(self, request: web.Request) -> web.Response:
+        """``PATCH /channels/{cid}/messages/{mid}``: the bot edits one of its messages (content,
+        embeds, components, flags); over 2000 characters or nothing left -> 400, like Discord."""
+        cid, err = self._check_channel(request)
+        if err:
+            return err
+        msg, err = self._check_message(cid, request.match_info["mid"])
+        if err:
+            return err
+        if int(msg["author"]["id"]) != BOT_ID:
+            return error(403, 50005, "Cannot edit a message authored by another user")
+        payload, files = await read_body(request)
+        edited = {**msg, **{k: payload[k] for k in ("content", "embeds", "components") if k in payload}}
+        err = validate_message_body({k: edited.get(k) for k in ("content", "embeds", "components")},
+                                    bool(files or msg.get("attachments")))
+        if err:
+            return err
+        mid = int(msg["id"])
+        self._content_history.setdefault(mid, [msg["content"]])
+        for key, default in (("content", ""), ("embeds", []), ("components", []), ("flags", 0)):
+            if key in payload:
+                msg[key] = payload[key] if payload[key] is not None else default
+        if files:
+            msg["attachments"] = list(msg.get("attachments") or []) + self._attachments(cid, files)
+        msg["edited_timestamp"] = iso()
+        self._content_history[mid].append(msg["content"])
+        self.message_edits.append({"channel_id": cid, "message_id": mid, "content": msg["content"],
+                                   "at": time.monotonic()})
+        if self.echo_bot_messages:
+            await self.dispatch("MESSAGE_UPDATE", self._gateway_message(self._message_view(msg)))
         return json_response(self._message_view(msg))
 
     async def _h_add_own_reaction(self, request: web.Request) -> web.Response:

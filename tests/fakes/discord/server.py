@@ -56,7 +56,7 @@ class FakeDiscord(DiscordState, GatewayMixin, RestMixin, InteractionsMixin):
     Public, test-facing state (plain lists/dicts, inspect freely): the world
     (:class:`~.state.DiscordState`), the REST records (:class:`~.rest.RestMixin`:
     ``requests``, ``unknown_requests``, ``bot_messages``, ``reactions_by_bot``,
-    ``typing_calls``), the gateway's (:class:`~.gateway.GatewayMixin`), the commands and
+    ``typing_calls``, ``message_edits``, ``failed_requests``), the gateway's (:class:`~.gateway.GatewayMixin`), the commands and
     interactions (:class:`~.interactions.InteractionsMixin`), and ``internal_errors``:
     exception strings raised inside the fake's handlers.
     """
