@@ -1,5 +1,5 @@
 # reactlearn: two commands.  `make run` (playground, or Discord/Slack when tokens are set)
-# and `make test` (the whole suite; .ci/run calls exactly this).
+# and `make test` (the whole suite; .ci/run calls exactly this). `make bench` measures.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= $(wildcard reactlearn.toml)
@@ -28,10 +28,11 @@ run: setup model
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The benchmark suite (bench/__init__.py lists it; not part of `make test`). Results in bench/out/.
+# Some, or shorter: make bench BENCH="reply load --duration 10"
+BENCH ?=
 bench: setup model
-	$(PY) bench/load_time.py
-	$(PY) bench/reply_time.py $(CONFIG_FLAG)
-	$(PY) bench/round_time.py
+	$(PY) -m bench $(BENCH) $(CONFIG_FLAG)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
