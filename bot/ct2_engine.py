@@ -21,7 +21,6 @@ for the default model) and loaded beside the others, so a swap is a dictionary u
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import os
@@ -66,7 +65,8 @@ def fingerprint(model) -> str:
 
 def convert(model, tokenizer, out_dir: Path, temperature: float) -> Path:
     """Convert a torch causal LM to a CTranslate2 folder with the output layer scaled by
-    1/temperature (see the module doc). Atomic: a crash leaves no half folder at ``out_dir``."""
+    1/temperature (see the module doc). ``model`` is changed (its head scaled and untied):
+    pass a copy. Atomic: a crash leaves no half folder at ``out_dir``."""
     out_dir = Path(out_dir)
     if (out_dir / "model.bin").is_file():
         return out_dir
@@ -74,14 +74,13 @@ def convert(model, tokenizer, out_dir: Path, temperature: float) -> Path:
     started = time.monotonic()
     hf_logging.disable_progress_bar()            # no "Writing model shards" bar in the bot's log
     with tempfile.TemporaryDirectory(prefix="reactlearn-ct2-", dir=out_dir.parent) as tmp:
-        scaled = copy.deepcopy(model).to(torch.float32)
-        head = scaled.get_output_embeddings()
+        model = model.to(torch.float32)
+        head = model.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone() / temperature, requires_grad=False)
-        scaled.config.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
         hf_dir, staging = Path(tmp) / "hf", Path(tmp) / "ct2"
-        scaled.save_pretrained(hf_dir, safe_serialization=True)
+        model.save_pretrained(hf_dir, safe_serialization=True)
         tokenizer.save_pretrained(hf_dir)
-        del scaled
         _run_converter(hf_dir, staging)
         try:
             os.rename(staging, out_dir)
@@ -90,6 +89,19 @@ def convert(model, tokenizer, out_dir: Path, temperature: float) -> Path:
                 raise
     log.info("converted to CTranslate2 %s in %.1fs: %s", QUANTIZATION, time.monotonic() - started, out_dir)
     return out_dir
+
+
+def _save_atomically(model, folder: Path) -> None:
+    """``model.save_pretrained`` into a temp folder, then rename it to ``folder``."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
 
 
 def _run_converter(hf_dir: Path, out_dir: Path) -> None:
@@ -104,19 +116,31 @@ def _run_converter(hf_dir: Path, out_dir: Path) -> None:
 
 
 class CT2Engine:
+    """Serves from CTranslate2 int8 copies only: the fp32 base it was given is saved once to
+    ``work_dir`` (to merge versions into, loaded again at each install) and not kept in
+    memory, so the bot holds ~135 MB per loaded version instead of 540 MB + that."""
+
     def __init__(self, base, tokenizer, *, temperature: float, work_dir: Path, lanes: int = 0):
         import ctranslate2
 
         self.ct2 = ctranslate2
-        self.base = base.eval()
         self.tokenizer = tokenizer
         self.temperature = temperature
         self.work_dir = Path(work_dir)
         self.lanes = lanes or max(1, min(4, os.cpu_count() or 1))
         self._generators: dict[int, object] = {}
         self._base_id = fingerprint(base)
-        self._generators[0] = self._load(convert(base, tokenizer, self._folder(f"base-{self._base_id}"),
-                                                 temperature))
+        self._base_dir = self.work_dir / f"base-{self._base_id}-fp32"
+        if not (self._base_dir / "config.json").is_file():
+            _save_atomically(base, self._base_dir)
+        self._generators[0] = self._load(convert(self._fp32_base(), tokenizer,
+                                                 self._folder(f"base-{self._base_id}"), temperature))
+
+    def _fp32_base(self):
+        """A fresh fp32 copy of the base model, from the folder saved at start."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self._base_dir, dtype=torch.float32).eval()
 
     def _folder(self, name: str) -> Path:
         return self.work_dir / f"{name}-T{self.temperature:g}-{QUANTIZATION}"
@@ -167,7 +191,7 @@ class CT2Engine:
         label = f"v{version}"
         folder = self._folder(f"{label}-{files.meta.get('sha256', '')[:12]}-{self._base_id}")
         if not (folder / "model.bin").is_file():
-            model = copy.deepcopy(self.base)
+            model = self._fp32_base()
             if files.kind == "full":
                 versions.load_full_weights(model, files.state, label)
             else:

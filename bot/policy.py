@@ -66,6 +66,8 @@ class Policy:
         self.queue_size, self.batch_size = queue_size, batch_size
         self.active_version = 0
         self.engine = self._start_engine(engine, work_dir)
+        if not isinstance(self.engine, TorchEngine):
+            self.base = None               # the fast engine keeps only its int8 copies (bot/ct2_engine.py)
         self._loaded: dict[int, str] = {0: "base"}   # version → "base" | "lora" | "full"
         self._jobs: queue.Queue = queue.Queue()
         self._waiting = 0
