@@ -21,6 +21,7 @@ from bot import process
 process.quiet_threads()      # before torch loads (bot/process.py says why)
 
 from bot.config import Config, ConfigError, load_config  # noqa: E402
+from bot.models import ModelError  # noqa: E402
 
 log = logging.getLogger("bot")
 
@@ -42,6 +43,8 @@ def summary(cfg: Config) -> str:
 
 
 async def serve(cfg: Config) -> None:
+    """Open the store, load the policy, run the console or the platforms until stopped.
+    Whatever fails, the store and the policy are closed, so the process can exit."""
     from transformers.utils import logging as hf_logging
 
     from bot.chat import ChatCore
@@ -50,42 +53,49 @@ async def serve(cfg: Config) -> None:
 
     hf_logging.disable_progress_bar()
     store = await Store.open(cfg.db_path)
-    log.info("store %s ready; loading model %s", cfg.db_path, cfg.model.name)
-    policy = await asyncio.to_thread(Policy.from_config, cfg)
-    core = ChatCore(cfg, store, policy)
-    await core.sync_version()        # start on the registry's active version
     try:
-        if not cfg.platforms:
-            from bot.adapters.console import run_console
-
-            await run_console(core)
-            return
-        runners, posters, adapters = [], {}, []
-        if "discord" in cfg.platforms:
-            from bot.adapters.discord import DiscordAdapter
-
-            d = DiscordAdapter(core, cfg)
-            runners.append(d.start(cfg.discord_token))
-            posters["discord"] = d.post
-            adapters.append(d)
-        if "slack" in cfg.platforms:
-            from bot.adapters.slack import SlackAdapter
-
-            s = SlackAdapter(core, cfg)
-            runners.append(s.start(cfg.slack_bot_token, cfg.slack_app_token))
-            posters["slack"] = s.post
-            adapters.append(s)
+        log.info("store %s ready; loading model %s", cfg.db_path, cfg.model.name)
+        policy = await asyncio.to_thread(Policy.from_config, cfg)
         try:
-            await asyncio.gather(core.run_background(posters), *runners)
-        finally:             # Ctrl-C / cancellation: close connections cleanly
-            for adapter in adapters:
-                try:
-                    await adapter.close()
-                except Exception:  # noqa: BLE001 - closing the others matters more
-                    log.exception("closing %s failed", type(adapter).__name__)
+            core = ChatCore(cfg, store, policy)
+            await core.sync_version()        # start on the registry's active version
+            await run_platforms(cfg, core)
+        finally:
+            policy.close()
     finally:
-        policy.close()
         await store.close()
+
+
+async def run_platforms(cfg: Config, core) -> None:
+    """The console playground when no platform is configured, else Discord and/or Slack."""
+    if not cfg.platforms:
+        from bot.adapters.console import run_console
+
+        await run_console(core)
+        return
+    runners, posters, adapters = [], {}, []
+    if "discord" in cfg.platforms:
+        from bot.adapters.discord import DiscordAdapter
+
+        d = DiscordAdapter(core, cfg)
+        runners.append(d.start(cfg.discord_token))
+        posters["discord"] = d.post
+        adapters.append(d)
+    if "slack" in cfg.platforms:
+        from bot.adapters.slack import SlackAdapter
+
+        s = SlackAdapter(core, cfg)
+        runners.append(s.start(cfg.slack_bot_token, cfg.slack_app_token))
+        posters["slack"] = s.post
+        adapters.append(s)
+    try:
+        await asyncio.gather(core.run_background(posters), *runners)
+    finally:             # Ctrl-C / cancellation: close connections cleanly
+        for adapter in adapters:
+            try:
+                await adapter.close()
+            except Exception:  # noqa: BLE001 - closing the others matters more
+                log.exception("closing %s failed", type(adapter).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         pass
+    except ModelError as e:           # a model folder that is missing or can't be read: no traceback
+        return process.fail(f"cannot start: {str(e).rstrip('.')}. Fix model.name in the config.")
+    except Exception as e:  # noqa: BLE001 - whatever it is, exit non-zero with one line (Restart=on-failure)
+        log.exception("the bot stopped")
+        return process.fail(f"the bot stopped: {type(e).__name__}: {e}")
     finally:
         if trainer is not None:
             trainer.terminate()
