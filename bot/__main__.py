@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(summary(cfg))
         return 0
+    problem = process.writable_dir_problem(Path(cfg.data_dir), "data_dir")
+    if problem:
+        return process.fail(problem)
     # The console playground logs to data_dir/bot.log: the terminal is the chat.
     console_log = Path(cfg.data_dir).expanduser() / "bot.log"
     process.setup_logging(cfg.log_level, log_file=None if cfg.platforms else console_log)

@@ -60,3 +60,18 @@ def fail(message: str, code: int = 2) -> int:
     """Print one line on stderr and return the exit code for ``sys.exit``."""
     print(message, file=sys.stderr)
     return code
+
+
+def writable_dir_problem(path: Path, setting: str) -> str:
+    """'' when ``path`` exists or can be created and a file can be written in it; else one
+    line naming the setting, the folder, what went wrong and the fix."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        return (f"cannot start: {setting} {path} can't be created or written ({e.strerror or e}). "
+                f"Point {setting} at a writable folder in the config.")
+    return ""

@@ -26,3 +26,18 @@ def test_a_missing_model_folder_exits_with_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cannot start:") and "no-such-model" in lines[0]
     assert "model.name" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_a_data_folder_that_cannot_be_created_exits_with_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for module in ("bot", "trainer"):
+        config = tmp_path / f"{module}.toml"
+        config.write_text(f'data_dir = "{blocker / "data"}"\n')
+        done = subprocess.run([sys.executable, "-m", module, "--config", str(config)], cwd=ROOT,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "REACTLEARN_CONFIG"})
+        assert done.returncode == 2, (module, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cannot start: data_dir"), (module, lines)
+        assert "Traceback" not in done.stderr

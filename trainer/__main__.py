@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     process.setup_logging(cfg.log_level)
     data_dir = Path(cfg.data_dir).expanduser()
+    problem = process.writable_dir_problem(data_dir, "data_dir")
+    if problem:
+        return process.fail(problem)
     try:
         lock = acquire_lock(data_dir)
     except AlreadyRunning as e:
