@@ -310,12 +310,31 @@ class ChatCore:
             self.serving_error = f"v{active}: {e}"
             log.error("refused v%d, still serving v%d: %s", active, self.policy.active_version, e)
             await self.store.set_state("serving_error", self.serving_error)
+            await self._fall_back(active)
             return
         self.policy.activate(active)
         self.serving_error = ""
         await self.store.set_state("serving_version", str(active))
         await self.store.set_state("serving_error", "")
         log.info("hot-swapped to v%d", active)
+
+    async def _fall_back(self, broken: int) -> None:
+        """At start (only the base serves yet): serve the newest published version older than
+        the broken active one that loads, instead of the base. The registry is left as it is."""
+        if self.policy.active_version != 0:
+            return
+        for v in sorted(await self.store.versions(), key=lambda v: -v.id):
+            if not 0 < v.id < broken or v.status != "published" or not v.path:
+                continue
+            try:
+                await self._load(v.id, v.path, v.sha256)
+            except VersionError as e:
+                log.warning("v%d does not load either: %s", v.id, e)
+                continue
+            self.policy.activate(v.id)
+            await self.store.set_state("serving_version", str(v.id))
+            log.warning("serving v%d, the newest version that loads, instead of the broken v%d", v.id, broken)
+            return
 
     async def post_results(self, posters: dict[str, Post]) -> int:
         """Post finished train requests back where they were asked. Returns how many."""

@@ -127,3 +127,26 @@ async def test_prune_keeps_newest_and_the_active_version_with_its_parent(tmp_pat
         assert out.ok and policy.active_version == 2
     finally:
         policy.close()
+
+
+async def test_a_fresh_start_with_a_broken_active_version_serves_the_newest_good_one(tmp_path, tiny_model_dir,
+                                                                                       store_for):
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    store = await store_for(cfg)
+    cand = Learner(cfg, trainer_config(cfg)).candidate(None, seed=0)
+    for v in (1, 2, 3):
+        await publish(store, cfg.versions_dir, version=v, parent=v - 1, model=cand.model, kind=cand.kind, meta={},
+                      metrics={"last_reply_id": 0})
+    (cfg.versions_dir / version_dirname(3) / "adapter_model.safetensors").write_bytes(b"broken")
+    policy = Policy.from_config(cfg)          # a fresh start: only the base is loaded
+    try:
+        core = ChatCore(cfg, store, policy)
+        await core.sync_version()
+        assert policy.active_version == 2 and await store.active_version() == 3
+        assert await store.get_state("serving_version") == "2"
+        status = (await core.on_command(Command("console", "c", "u", "status"))).text
+        assert "Active version: v3 (serving v2)" in status and "Refused checkpoint: v3:" in status
+        await core.sync_version()                 # the broken one is not retried every poll
+        assert policy.active_version == 2
+    finally:
+        policy.close()
