@@ -59,6 +59,7 @@ class ChatCore:
         self.policy = policy
         self.rewards = RewardMap(cfg.rewards.emoji)
         self._recent: dict[tuple[str, str], deque] = defaultdict(deque)   # rate limit windows
+        self._noticed: dict[tuple[str, str], float] = {}                   # when each person was last told
         self._failed: dict[int, str] = {}     # version → sha256 that failed to load (not retried)
         self.serving_error = ""
 
@@ -85,6 +86,14 @@ class ChatCore:
         window.append(now)
         return False
 
+    def _first_notice(self, msg: Message) -> bool:
+        """True for the first over-limit message of a person in a 60 s window."""
+        key, now = (msg.platform, msg.author_id), time.monotonic()
+        if now - self._noticed.get(key, -60.0) < 60:
+            return False
+        self._noticed[key] = now
+        return True
+
     def turns(self, msg: Message, history: list[HistoryItem]) -> list[Turn]:
         """The conversation the model sees: recent history, then the message, newest last."""
         keep = history[-self.cfg.chat.history_messages:] if self.cfg.chat.history_messages else []
@@ -105,9 +114,10 @@ class ChatCore:
         if not self.wants_reply(msg):
             return None
         if self._rate_limited(msg):
-            log.info("rate limit: %s/%s", msg.platform, msg.author_id)
-            await send(f"You're writing faster than I can learn; try again in a minute "
-                       f"(limit {self.cfg.chat.rate_limit_per_minute}/min).")
+            if self._first_notice(msg):      # one notice per window: a flood gets no flood of notices
+                log.info("rate limit: %s/%s", msg.platform, msg.author_id)
+                await send(f"You're writing faster than I can learn; try again in a minute "
+                           f"(limit {self.cfg.chat.rate_limit_per_minute}/min).")
             return None
         message_row = await self.store.add_message(msg.platform, msg.message_id, msg.channel_id, msg.author_id,
                                                    msg.author_name, self._clip(msg.text))

@@ -367,9 +367,17 @@ async def test_rate_limit_notice(start_bot):
     assert await bot.store.reply_for_message("discord", notice["id"]) is None
     assert await react(bot.fake, BOT_CHAT_ID, notice["id"], ALICE_ID, UP) == "ignored: not one of the bot's replies"
     assert not [r for r in bot.fake.reactions_by_bot if r["message_id"] == int(notice["id"])]
-    # someone else is not limited
+    # more messages in the same minute get no more notices (a flood gets one)
+    sent_before = len(bot.fake.bot_messages)
+    for i in range(3, 6):
+        await bot.fake.user_message(BOT_CHAT_ID, BOB_ID, f"question {i}")
     _, reply = await bot.ask(BOT_CHAT_ID, CAROL_ID, "my turn")
+    await bot.reply_id(reply)
+    await bot.fake.expect_no_bot_message(BOT_CHAT_ID, within=0.5)      # nothing else comes
     assert "faster than I can learn" not in reply["content"]
+    assert len(bot.fake.bot_messages) == sent_before + 1               # Carol's reply, no notice for Bob
+    assert await bot.count("messages") == 3
+    # someone else is not limited
     await bot.reply_id(reply)
 
 
