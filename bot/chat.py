@@ -50,6 +50,7 @@ BUSY_TEXT = "I'm busy with other replies right now; please try again in a moment
 ERROR_TEXT = "Sorry, something went wrong while I was thinking. Please try again."
 EMPTY_TEXT = "…"
 ADMIN_COMMANDS = {"retrain", "rollback"}
+POST_TRIES = 5            # a trainer result that can't be posted (the channel is gone) is given up after this
 
 
 class ChatCore:
@@ -60,6 +61,7 @@ class ChatCore:
         self.rewards = RewardMap(cfg.rewards.emoji)
         self._recent: dict[tuple[str, str], deque] = defaultdict(deque)   # rate limit windows
         self._noticed: dict[tuple[str, str], float] = {}                   # when each person was last told
+        self._post_tries: dict[int, int] = {}                               # train request → failed posts
         self._failed: dict[int, str] = {}     # version → sha256 that failed to load (not retried)
         self.serving_error = ""
 
@@ -347,7 +349,8 @@ class ChatCore:
             return
 
     async def post_results(self, posters: dict[str, Post]) -> int:
-        """Post finished train requests back where they were asked. Returns how many."""
+        """Post finished train requests back where they were asked; one that fails POST_TRIES
+        times is given up (marked notified, with an error in the log). Returns how many ended."""
         n = 0
         for req in await self.store.unnotified_results():
             post = posters.get(req["platform"])
@@ -355,9 +358,14 @@ class ChatCore:
                 continue
             try:
                 await post(req["channel_id"], f"Retrain #{req['id']}: {req['result']}")
-            except Exception:  # noqa: BLE001 - try again next poll
-                log.exception("could not post result of request #%d", req["id"])
-                continue
+            except Exception:  # noqa: BLE001 - try again next poll, a few times
+                tries = self._post_tries[req["id"]] = self._post_tries.get(req["id"], 0) + 1
+                if tries < POST_TRIES:
+                    log.warning("could not post result of request #%d (try %d of %d)", req["id"], tries,
+                                POST_TRIES, exc_info=True)
+                    continue
+                log.error("giving up posting result of request #%d to %s/%s after %d tries", req["id"],
+                          req["platform"], req["channel_id"], tries)
             await self.store.mark_notified(req["id"])
             n += 1
         return n
