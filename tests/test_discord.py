@@ -564,6 +564,9 @@ async def test_commands_are_synced_to_the_guild(start_bot):
     synced = {c["name"]: c for c in bot.fake.synced_commands[1]}
     assert set(synced) == {"retrain", "status", "rollback", "forget"}
     assert None not in bot.fake.synced_commands                       # nothing global
+    manage_guild = str(1 << 5)                                        # only members who may see admin ones
+    assert [str(synced[n].get("default_member_permissions")) for n in ("retrain", "rollback")] == [manage_guild] * 2
+    assert [synced[n].get("default_member_permissions") for n in ("status", "forget")] == [None, None]
 
 
 async def test_command_failure_still_answers(start_bot):

@@ -236,7 +236,10 @@ class DiscordAdapter:
     def _register_commands(self) -> None:
         tree = self.tree
 
+        # Admin commands are shown only to members with Manage Server (a server admin can grant
+        # them to other roles under Integrations); the core still checks every call.
         @tree.command(name="retrain", description="Ask the trainer for a learning round now (admins)")
+        @app_commands.default_permissions(manage_guild=True)
         async def retrain(interaction: discord.Interaction) -> None:
             await self._run(interaction, "retrain")
 
@@ -245,6 +248,7 @@ class DiscordAdapter:
             await self._run(interaction, "status")
 
         @tree.command(name="rollback", description="Serve an earlier published version (admins)")
+        @app_commands.default_permissions(manage_guild=True)
         @app_commands.describe(version="version number, see /status")
         async def rollback(interaction: discord.Interaction, version: int) -> None:
             await self._run(interaction, "rollback", {"version": version})
