@@ -32,7 +32,7 @@ from tests.fakes.discord import (
     GENERAL_ID,
     FakeDiscord,
     running_client,
-)
+ SlashNotPermitted)
 
 UP, DOWN = "\N{THUMBS UP SIGN}", "\N{THUMBS DOWN SIGN}"
 OTHER_BOT_ID = 3001
@@ -564,9 +564,20 @@ async def test_commands_are_synced_to_the_guild(start_bot):
     synced = {c["name"]: c for c in bot.fake.synced_commands[1]}
     assert set(synced) == {"retrain", "status", "rollback", "forget"}
     assert None not in bot.fake.synced_commands                       # nothing global
-    manage_guild = str(1 << 5)                                        # only members who may see admin ones
+    # the test config names Carol an admin, so Discord must show the admin commands to everyone
+    assert [synced[n].get("default_member_permissions") for n in synced] == [None] * 4
+
+
+async def test_admin_commands_are_hidden_from_members_without_manage_server(start_bot):
+    bot = await start_bot(chat={"admin_user_ids": [], "admin_role_ids": []})
+    synced = {c["name"]: c for c in bot.fake.synced_commands[1]}
+    manage_guild = str(1 << 5)
     assert [str(synced[n].get("default_member_permissions")) for n in ("retrain", "rollback")] == [manage_guild] * 2
     assert [synced[n].get("default_member_permissions") for n in ("status", "forget")] == [None, None]
+    with pytest.raises(SlashNotPermitted):                            # Discord does not offer it to Bob
+        await command(bot, "retrain", user=BOB_ID)
+    await command(bot, "retrain", user=ALICE_ID)                      # Manage Server via the Admin role
+    assert [r["requested_by"] for r in await bot.store.train_requests()] == [str(ALICE_ID)]
 
 
 async def test_command_failure_still_answers(start_bot):

@@ -236,10 +236,7 @@ class DiscordAdapter:
     def _register_commands(self) -> None:
         tree = self.tree
 
-        # Admin commands are shown only to members with Manage Server (a server admin can grant
-        # them to other roles under Integrations); the core still checks every call.
         @tree.command(name="retrain", description="Ask the trainer for a learning round now (admins)")
-        @app_commands.default_permissions(manage_guild=True)
         async def retrain(interaction: discord.Interaction) -> None:
             await self._run(interaction, "retrain")
 
@@ -248,7 +245,6 @@ class DiscordAdapter:
             await self._run(interaction, "status")
 
         @tree.command(name="rollback", description="Serve an earlier published version (admins)")
-        @app_commands.default_permissions(manage_guild=True)
         @app_commands.describe(version="version number, see /status")
         async def rollback(interaction: discord.Interaction, version: int) -> None:
             await self._run(interaction, "rollback", {"version": version})
@@ -257,6 +253,14 @@ class DiscordAdapter:
         @app_commands.describe(user="whose data to delete (default: you)")
         async def forget(interaction: discord.Interaction, user: discord.User | None = None) -> None:
             await self._run(interaction, "forget", {"user": str(user.id)} if user else {})
+
+        # Admins are members with Manage Server unless the config names admin users or roles:
+        # then Discord shows the admin commands only to Manage Server, and a server admin can
+        # grant them to more roles under Integrations. The core checks every call either way.
+        chat = self.cfg.chat
+        if not (chat.admin_user_ids or chat.admin_role_ids):
+            for admin_only in (retrain, rollback):
+                admin_only.default_permissions = discord.Permissions(manage_guild=True)
 
     # -- trainer results --------------------------------------------------------
 
