@@ -120,7 +120,10 @@ class CT2Engine:
     ``work_dir`` (to merge versions into, loaded again at each install) and not kept in
     memory, so the bot holds ~135 MB per loaded version instead of 540 MB + that."""
 
-    def __init__(self, base, tokenizer, *, temperature: float, work_dir: Path, lanes: int = 0):
+    def __init__(self, base, tokenizer, *, temperature: float, work_dir: Path, lanes: int = 0,
+                 cache_dir: Path | None = None):
+        """``work_dir``: this bot's version conversions; ``cache_dir`` (default: ``work_dir``):
+        the base model's fp32 copy and conversion, shared by every bot on the machine."""
         import ctranslate2
 
         self.ct2 = ctranslate2
@@ -130,11 +133,12 @@ class CT2Engine:
         self.lanes = lanes or max(1, min(4, os.cpu_count() or 1))
         self._generators: dict[int, object] = {}
         self._base_id = fingerprint(base)
-        self._base_dir = self.work_dir / f"base-{self._base_id}-fp32"
+        cache = Path(cache_dir) if cache_dir is not None else self.work_dir
+        self._base_dir = cache / f"base-{self._base_id}-fp32"
         if not (self._base_dir / "config.json").is_file():
             _save_atomically(base, self._base_dir)
-        self._generators[0] = self._load(convert(self._fp32_base(), tokenizer,
-                                                 self._folder(f"base-{self._base_id}"), temperature))
+        base_ct2 = cache / f"base-{self._base_id}-T{temperature:g}-{QUANTIZATION}"
+        self._generators[0] = self._load(convert(self._fp32_base(), tokenizer, base_ct2, temperature))
 
     def _fp32_base(self):
         """A fresh fp32 copy of the base model, from the folder saved at start."""
@@ -199,6 +203,9 @@ class CT2Engine:
             convert(model, self.tokenizer, folder, self.temperature)
             del model
         self._generators[version] = self._load(folder)
+
+    def seed(self, value: int) -> None:
+        self.ct2.set_random_seed(value)
 
     def close(self) -> None:
         """Unload every version, which joins CTranslate2's threads. Call when no batch is

@@ -54,7 +54,8 @@ class _Job:
 class Policy:
     def __init__(self, model, tokenizer, *, temperature: float = 0.8, top_p: float = 0.95,
                  max_new_tokens: int = 96, system_prompt: str = "", max_context_tokens: int = 512,
-                 queue_size: int = 16, batch_size: int = 8, engine: str = "torch", work_dir: Path | None = None):
+                 queue_size: int = 16, batch_size: int = 8, engine: str = "torch", work_dir: Path | None = None,
+                 cache_dir: Path | None = None):
         self.base = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
@@ -65,7 +66,7 @@ class Policy:
         self.max_context_tokens = max_context_tokens
         self.queue_size, self.batch_size = queue_size, batch_size
         self.active_version = 0
-        self.engine = self._start_engine(engine, work_dir)
+        self.engine = self._start_engine(engine, work_dir, cache_dir)
         if not isinstance(self.engine, TorchEngine):
             self.base = None               # the fast engine keeps only its int8 copies (bot/ct2_engine.py)
         self._loaded: dict[int, str] = {0: "base"}   # version → "base" | "lora" | "full"
@@ -79,7 +80,7 @@ class Policy:
             w.start()
         atexit.register(_close_at_exit, weakref.ref(self))   # let running batches finish first
 
-    def _start_engine(self, name: str, work_dir: Path | None):
+    def _start_engine(self, name: str, work_dir: Path | None, cache_dir: Path | None):
         """The fast engine when asked for and able to run here, else the torch reference."""
         if name == "ctranslate2":
             from bot import ct2_engine
@@ -89,7 +90,7 @@ class Policy:
                 try:
                     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="reactlearn-serving-"))
                     return ct2_engine.CT2Engine(self.base, self.tokenizer, temperature=self.temperature,
-                                                work_dir=work_dir)
+                                                work_dir=work_dir, cache_dir=cache_dir)
                 except Exception as e:  # noqa: BLE001 - an architecture it can't convert, a full disk, ...
                     why = f"{type(e).__name__}: {e}"
             log.warning("serving engine ctranslate2 unavailable (%s); using torch", why)
@@ -107,7 +108,8 @@ class Policy:
         return cls(model, tokenizer, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                    system_prompt=cfg.model.system_prompt, max_context_tokens=cfg.model.max_context_tokens,
                    queue_size=cfg.serving.queue_size, batch_size=cfg.serving.batch_size, engine=cfg.serving.engine,
-                   work_dir=Path(cfg.data_dir).expanduser() / "serving")
+                   work_dir=Path(cfg.data_dir).expanduser() / "serving",
+                   cache_dir=Path(cfg.model.cache_dir).expanduser() / "ctranslate2")
 
     # -- prompts --------------------------------------------------------------
 
@@ -162,6 +164,11 @@ class Policy:
             futures.append(fut)
             self._jobs.put(_Job(list(ids), done, self._partial_sender(loop, on_partial)))
         return list(await asyncio.gather(*futures))
+
+    def seed(self, value: int) -> None:
+        """Seed the engine's sampling (the simulation's --seed). Replies are reproducible when
+        the same requests form the same batches."""
+        self.engine.seed(value)
 
     @property
     def waiting(self) -> int:

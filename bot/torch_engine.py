@@ -106,6 +106,9 @@ class TorchEngine:
             self.model = versions.add_adapter(self.model, files, label, label).eval()
         self._kinds[version] = files.kind
 
+    def seed(self, value: int) -> None:
+        torch.manual_seed(value)
+
     def close(self) -> None:
         """Nothing to release: the torch models go with the engine."""
 

@@ -20,7 +20,7 @@ from trainer import simulate
 def sim_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
     model = build_tiny_model(tmp / "tiny")
-    argv = ["--rounds", "2", "--replies", "4", "--voters", "2", "--flip", "0.1", "--taste", "regex:e",
+    argv = ["--rounds", "2", "--replies", "6", "--voters", "2", "--flip", "0.1", "--taste", "regex:e",
             "--model", str(model), "--data-dir", str(tmp / "data"), "--out", str(tmp / "out"),
             "--max-new-tokens", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8",
             "--probe-max-new-tokens", "6", "--max-kl", "50", "--max-repetition", "1.0", "--max-empty-share", "1.0",
@@ -40,9 +40,11 @@ def test_json_has_two_rounds_with_fields(sim_run):
             assert key in row, key
         assert 0.0 <= row["like_rate"] <= 1.0
         assert -1.0 <= row["mean_reward"] <= 1.0
-        assert row["n_replies"] == 4 and row["n_votes"] == 8
-        assert row["train"]["status"] in ("published", "rejected")
-    assert saved["final"]["train"] is None and saved["final"]["n_replies"] == 6
+        assert row["n_replies"] == 6 and row["n_votes"] == 12
+        # a round whose replies all got the same reward is skipped: nothing to learn from
+        assert row["train"]["status"] in ("published", "rejected", "skipped")
+    assert {row["train"]["status"] for row in saved["rounds"]} - {"skipped"}, "no round trained"
+    assert saved["final"]["train"] is None and saved["final"]["n_replies"] == 8
     assert saved["final"]["served_kl"] >= 0.0 and saved["final"]["base_nll"] > 0.0
     assert saved["rounds"][0]["served_kl"] == 0.0 and saved["rounds"][0]["base_nll"] > 0.0
     assert saved["examples"] and {"prompt", "before", "after"} <= set(saved["examples"][0])
@@ -53,9 +55,9 @@ def test_json_has_two_rounds_with_fields(sim_run):
     assert saved["base_eval"]["serving_version"] == 0 and saved["base_eval"]["n_votes"] == 0
     assert [r["prompt"] for r in saved["final"]["replies"]] == first + extra
     ev = saved["eval"]
-    assert ev["prompts"] == 6 and ev["same_prompts"] and ev["base_version"] == 0
+    assert ev["prompts"] == 8 and ev["same_prompts"] and ev["base_version"] == 0
     liked = saved["rounds"][0]["replies"] + saved["base_eval"]["replies"]
-    assert ev["base_like_rate"] == sum(r["liked"] for r in liked) / 6
+    assert ev["base_like_rate"] == sum(r["liked"] for r in liked) / 8
     assert ev["final_like_rate"] == saved["final"]["like_rate"]
     assert [e["prompt"] for e in saved["examples"]] == first[:len(saved["examples"])]
 
@@ -73,9 +75,9 @@ def test_store_holds_replies_and_votes(sim_run):
         store = await Store.open(tmp / "data" / "reactlearn.sqlite3")
         try:
             counts = await store.counts()
-            # 2 unvoted base-eval replies, 2 rounds of 4, the final evaluation of 4 + 2; 2 voters per reply
-            assert counts["replies"] == 16 and counts["rated"] == 14 and counts["votes"] == 28
-            assert counts["messages"] == 16
+            # 2 unvoted base-eval replies, 2 rounds of 6, the final evaluation of 6 + 2; 2 voters per reply
+            assert counts["replies"] == 22 and counts["rated"] == 20 and counts["votes"] == 40
+            assert counts["messages"] == 22
             reply = await store.get_reply(1)
             assert reply.platform == "sim" and reply.output_ids and len(reply.logprobs) == len(reply.output_ids)
             assert await store.votes_for(1) == []            # reply 1 is a base-eval reply: not voted on

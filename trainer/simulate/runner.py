@@ -119,6 +119,7 @@ async def _start(sim: _Sim) -> None:
 
     args, cfg, tcfg = sim.args, sim.cfg, sim.tcfg
     sim.policy = await asyncio.to_thread(Policy.from_config, cfg)
+    sim.policy.seed(args.seed)
     sim.core = ChatCore(cfg, sim.store, sim.policy)
     await sim.core.sync_version()
     sim.learner = Learner(cfg, tcfg, progress=False)
