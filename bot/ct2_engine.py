@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -199,7 +200,9 @@ class CT2Engine:
             if files.kind == "full":
                 versions.load_full_weights(model, files.state, label)
             else:
-                model = versions.add_adapter(model, files, "default", label).merge_and_unload()
+                with warnings.catch_warnings():     # peft notes the base folder's name differs: expected here
+                    warnings.simplefilter("ignore", UserWarning)
+                    model = versions.add_adapter(model, files, "default", label).merge_and_unload()
             convert(model, self.tokenizer, folder, self.temperature)
             del model
         self._generators[version] = self._load(folder)

@@ -671,11 +671,13 @@ async def _notified(store: Store, rid: int) -> bool:
 
 # -- the whole loop ----------------------------------------------------------------------------
 
-# The gates are opened wide: the tiny random model's probe replies are random bytes, which the
-# spam gate sometimes (about 1 run in 10) counts as emoji spam; this test is about the path.
+# The gates are opened wide and degenerate replies are not punished: the tiny random model's
+# replies are random bytes, which the spam checks sometimes count as emoji spam (then a gate
+# rejects the candidate, or every reply counts as disliked and the round is skipped); this
+# test is about the path.
 TRAINER = {"epochs": 4, "minibatch_size": 8, "lr": 5e-3, "lora_rank": 4, "lora_alpha": 8,
            "probe_max_new_tokens": 8, "max_kl": 50.0, "max_repetition": 1.0, "max_empty_share": 1.0,
-           "max_spam_share": 1.0,
+           "max_spam_share": 1.0, "punish_degenerate": False,
            "settle_seconds": 0.0, "heartbeat_seconds": 0.2, "interval_seconds": 0.5, "min_new_ratings": 2}
 
 
