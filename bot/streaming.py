@@ -91,3 +91,22 @@ class Pacer:
             return False
         self.started, self.shown = True, text
         return True
+
+
+class ShownReply:
+    """A ReplyStream whose every call makes the platform show one text: the adapter writes
+    ``_show(text) -> platform ids`` (edit what changed, post what is missing)."""
+
+    min_interval: float
+
+    async def start(self, text: str) -> None:
+        await self._show(text)
+
+    async def update(self, text: str) -> None:
+        await self._show(text)
+
+    async def finish(self, text: str) -> list[str]:
+        return await self._show(text)
+
+    async def _show(self, text: str) -> list[str]:
+        raise NotImplementedError

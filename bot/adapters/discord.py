@@ -23,6 +23,7 @@ from discord import app_commands
 from bot.chat import ChatCore
 from bot.config import Config
 from bot.events import Command, HistoryItem, Message, Reaction
+from bot.streaming import ShownReply
 
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
@@ -49,7 +50,7 @@ def split_text(text: str, limit: int = LIMIT) -> list[str]:
     return chunks + [text] if text else chunks or [""]
 
 
-class DiscordReply:
+class DiscordReply(ShownReply):
     """One answer to one message: the ``send`` for notices and a ``bot.streaming.ReplyStream``.
 
     ``parts`` are the messages showing the text now, in order; each call makes them show
@@ -63,15 +64,6 @@ class DiscordReply:
 
     async def send(self, text: str) -> list[str]:
         self.parts = []
-        return await self._show(text)
-
-    async def start(self, text: str) -> None:
-        await self._show(text)
-
-    async def update(self, text: str) -> None:
-        await self._show(text)
-
-    async def finish(self, text: str) -> list[str]:
         return await self._show(text)
 
     async def _show(self, text: str) -> list[str]:

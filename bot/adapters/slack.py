@@ -48,6 +48,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.chat import ChatCore
 from bot.config import Config
 from bot.events import Command, HistoryItem, Message, Reaction
+from bot.streaming import ShownReply
 from bot.rewards import SLACK_NAMES, canonical
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def _ts_key(ts: str) -> tuple[int, ...]:
     return tuple(int(p) for p in str(ts).split(".") if p.isdigit())
 
 
-class SlackReply:
+class SlackReply(ShownReply):
     """One answer in one thread: the ``send`` for notices and a ``bot.streaming.ReplyStream``.
 
     ``parts`` ((channel, ts) of each message) show ``split_text(escape(text))``: a part whose
@@ -151,15 +152,6 @@ class SlackReply:
 
     async def send(self, text: str) -> list[str]:
         self.parts, self._shown = [], []
-        return await self._show(text)
-
-    async def start(self, text: str) -> None:
-        await self._show(text)
-
-    async def update(self, text: str) -> None:
-        await self._show(text)
-
-    async def finish(self, text: str) -> list[str]:
         return await self._show(text)
 
     async def _show(self, text: str) -> list[str]:
