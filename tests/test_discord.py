@@ -22,6 +22,7 @@ from bot.events import Reaction
 from bot.policy import Policy
 from bot.store import Store
 from tests.conftest import STREAMING, make_config
+from tests.tiny_model import build_endless_model
 from tests.fakes.discord import (
     ALICE_ID,
     BOB_ID,
@@ -388,25 +389,8 @@ def build_wordy_model(folder: Path, base: Path) -> Path:
     """A tiny model that talks long: 600 extra ~120-character "word" tokens (about 2 of 3 sampled
     tokens from the near-uniform random model), and an end-of-turn token outside the model's
     output vocabulary, so every reply runs to max_new_tokens (50 tokens: ~3,900 characters)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-
-    tok = AutoTokenizer.from_pretrained(base)
-    tok.add_tokens([f" lorem{i}" + " ipsum dolor sit amet consectetur" * 3 + f" end{i}" for i in range(600)])
-    tok.add_special_tokens({"additional_special_tokens": ["<|never|>"]})
-    tok.eos_token = "<|never|>"
-    assert tok.convert_tokens_to_ids("<|never|>") == len(tok) - 1
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok) - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=len(tok) - 1,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    words = [f" lorem{i}" + " ipsum dolor sit amet consectetur" * 3 + f" end{i}" for i in range(600)]
+    return build_endless_model(folder, base, words)
 
 
 async def test_long_reply_is_split(start_bot, tiny_model_dir, tmp_path):

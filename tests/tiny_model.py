@@ -53,10 +53,10 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_size: int = 320) -> Path
     return folder
 
 
-def build_endless_model(folder: Path, base: Path) -> Path:
+def build_endless_model(folder: Path, base: Path, extra_tokens: list[str] = ()) -> Path:
     """The tiny model with its end-of-turn token outside the model's output vocabulary, so
     every reply runs to ``max_new_tokens`` (about 1.3 characters a token): streaming tests need
-    replies that take a while to write, every time."""
+    replies that take a while to write, every time. ``extra_tokens`` are added to its vocabulary."""
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
@@ -64,6 +64,8 @@ def build_endless_model(folder: Path, base: Path) -> Path:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
+    if extra_tokens:
+        tok.add_tokens(list(extra_tokens))
     tok.add_special_tokens({"additional_special_tokens": ["<|never|>"]})
     tok.eos_token = "<|never|>"
     assert tok.convert_tokens_to_ids("<|never|>") == len(tok) - 1
