@@ -282,12 +282,10 @@ def plain_generate(model, tok, prompts: list[list[int]], *, temperature: float, 
     new tokens each. Returns seconds, ttft (seconds to the first token) and tokens."""
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    from bot.torch_engine import left_pad
+
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    width = ids.shape[1]
     streamer = first_token_streamer() if first_token else None
     t0 = time.perf_counter()
     with torch.no_grad():

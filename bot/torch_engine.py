@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 OnStep = Callable[[int, list[int]], None]    # (row in the batch, the row's sampled ids so far)
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch for ``generate``: (input_ids, attention_mask), [B, P]."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    return input_ids, attention
+
+
 class _StepHook(LogitsProcessor):
     """Sees the sequences at every decoding step and reports each row's new tokens."""
 
@@ -55,12 +66,8 @@ class TorchEngine:
                max_new_tokens: int, on_step: OnStep | None = None) -> list[tuple[list[int], list[float]]]:
         """One reply per prompt: (sampled ids, end-of-turn included when sampled; their logprobs)."""
         tok = self.tokenizer
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            attention[i, width - len(p):] = 1
+        input_ids, attention = left_pad(prompts, tok.pad_token_id)
+        width = input_ids.shape[1]
         gen_config = GenerationConfig(
             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from bot.torch_engine import left_pad
 from trainer.data import Example, collate, reply_logits, tempered
 from trainer.fluency import repetition, symbol_spam
 from trainer.loss import full_kl
@@ -86,12 +87,8 @@ def sample_probes(model, tokenizer, prompts: list[list[int]], *, temperature: fl
     """Sample one reply per prompt. Returns (input_ids, attention, prompt_width, replies) where
     replies[i] is the sampled ids up to and including the end-of-turn token."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        attention[i, width - len(p):] = 1
+    input_ids, attention = left_pad(prompts, pad)
+    width = input_ids.shape[1]
     gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                            max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
     with torch.random.fork_rng(devices=[]):   # seeded probes without resetting the process's RNG
