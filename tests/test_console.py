@@ -1,11 +1,15 @@
 """The console playground driven through a pipe, as a person would script it."""
 
+import asyncio
+import io
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bot.adapters.console import ConsoleReply
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +27,21 @@ def run_bot(args, stdin="", env_extra=None, timeout=120):
                           cwd=ROOT, env=env, timeout=timeout)
 
 
+def shown_form(text: str) -> str:
+    """How the console should print a reply: newline and tab as they are, other controls as \\xNN."""
+    control = lambda c: (ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f) and c not in "\n\t"
+    return "".join(f"\\x{ord(c):02x}" if control(c) else c for c in text)
+
+
+def test_a_reply_cannot_drive_the_terminal():
+    out = io.StringIO()
+    reply = ConsoleReply(out)
+    asyncio.run(reply.start("one\rtwo"))
+    asyncio.run(reply.finish("one\rtwo\x1b[31m red\n\tok é"))
+    reply.end("[#1]")
+    assert out.getvalue() == "bot> one\\x0dtwo\\x1b[31m red\n\tok é[#1]\n"
+
+
 def test_console_through_a_pipe(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir)
     script = "hello there\n+\nwhat is the weather like?\n/down 1\n-\n/status\n/up 99\n/rollback 7\n/quit\n"
@@ -31,10 +50,13 @@ def test_console_through_a_pipe(tmp_path, tiny_model_dir):
     lines = out.stdout.splitlines()
     db = sqlite3.connect(tmp_path / "data" / "reactlearn.sqlite3")
     texts = dict(db.execute("SELECT id, text FROM replies"))
-    # each reply is printed as it grows on a "bot> " line, ended by its id once stored
-    assert lines[0].startswith("bot> ") and out.stdout.startswith(f"bot> {texts[1] or '…'} [#1]\n")
+    # each reply is printed as it grows on a "bot> " line, ended by its id once stored;
+    # control characters the random model writes are shown escaped, never sent raw
+    shown = {i: shown_form(t) or "…" for i, t in texts.items()}
+    assert lines[0].startswith("bot> ") and out.stdout.startswith(f"bot> {shown[1]} [#1]\n")
     assert "(👍 on #1)" in lines
-    assert f"\nbot> {texts[2] or '…'} [#2]\n" in out.stdout
+    assert f"\nbot> {shown[2]} [#2]\n" in out.stdout
+    assert not any(ch in out.stdout for ch in "\r\x1b\x00\x1a")
     assert "(👎 on #1)" in lines and "(👎 on #2)" in lines
     assert "Replies: 2, votes: 2, rated replies: 2" in out.stdout
     assert "  v0 (active): liked 0% of 2" in lines      # the versions list in /status

@@ -14,6 +14,7 @@ A reply grows on one line, ``bot> `` and the text, and ends with its id once sto
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from typing import TextIO
@@ -25,6 +26,18 @@ from bot.rewards import THUMBS_DOWN, THUMBS_UP
 PLATFORM = "console"
 CHANNEL = "console"
 HELP = __doc__.split("\n\n")[1]
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters other than newline and tab shown as ``\\xNN``.
+
+    A model's reply may hold a carriage return or an escape sequence; written raw it would
+    overwrite the line or drive the terminal. Each character maps on its own, so the
+    shown form of a prefix is a prefix of the shown form."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class ConsoleReply:
@@ -46,6 +59,7 @@ class ConsoleReply:
         self.out.flush()
 
     def _grow(self, text: str, final: bool = False) -> None:
+        text = terminal_safe(text)
         if self.shown is None:
             self._write(f"bot> {text}")
         elif text.startswith(self.shown):
@@ -58,7 +72,7 @@ class ConsoleReply:
 
     async def send(self, text: str) -> list[str]:
         self.end()
-        self._write(f"bot> {text}\n")
+        self._write(f"bot> {terminal_safe(text)}\n")
         self.text = text
         return [f"r{time.time_ns()}"]
 
