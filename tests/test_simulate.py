@@ -112,3 +112,58 @@ def test_example_taste_calls_someone_by_name():
     assert not taste.liked("Mia: I think so too.")          # a speaker label, not talking to Mia
     assert not taste.liked("That's the same as before.")    # "same" is not Sam
     assert not taste.liked("")
+
+
+def test_sparse_voters_sample_one_person_of_the_crowd():
+    import random
+
+    from trainer.simulate.people import Asked, Voters
+
+    liked_all = simulate.parse_taste("regex:.")          # every non-empty reply is liked
+    voters = Voters(liked_all, flip=0.0, rng=random.Random(0), vote_rate=0.5, crowd=10, dissent=0.3)
+    replies = [Asked(f"p{i}", sent_text=f"reply {i}") for i in range(2000)]
+    votes = [v for a in replies for v in voters.votes_for(a)]
+    assert 900 < len(votes) < 1100                         # about half the replies get a vote, one each
+    assert {v.user_id for v in votes} == {f"sim-person-{k}" for k in range(10)}
+    honest = [v.up for v in votes if int(v.user_id.rsplit("-", 1)[1]) >= 3]
+    dissent = [v.up for v in votes if int(v.user_id.rsplit("-", 1)[1]) < 3]
+    assert all(honest)                                     # the crowd votes its taste (no flips here)
+    assert 0.35 < sum(dissent) / len(dissent) < 0.65       # 3 of 10 vote by a coin of their own
+    dense = Voters(liked_all, flip=1.0, rng=random.Random(0), voters=3)
+    assert [(v.user_id, v.up) for v in dense.votes_for(replies[0])] == [(f"sim-voter-{k}", False) for k in range(3)]
+
+
+def test_coin_taste_is_random_but_stable():
+    coin = simulate.parse_taste("coin")
+    texts = [f"reply number {i}" for i in range(1000)]
+    assert 0.45 < sum(coin.liked(t) for t in texts) / 1000 < 0.55
+    assert [coin.liked(t) for t in texts] == [coin.liked(t) for t in texts]
+
+
+def test_sparse_late_votes_and_a_taste_change(tmp_path):
+    model = build_tiny_model(tmp_path / "tiny")
+    argv = ["--rounds", "3", "--replies", "6", "--vote-rate", "0.7", "--crowd", "3", "--late", "0.5",
+            "--taste", "regex:e", "--taste-after", "3:regex:a", "--model", str(model),
+            "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--max-new-tokens", "6",
+            "--epochs", "1", "--lora-rank", "4", "--lora-alpha", "8", "--probe-max-new-tokens", "4",
+            "--max-kl", "50", "--max-repetition", "1.0", "--max-empty-share", "1.0", "--seed", "1",
+            "--eval-extra", "0"]
+    results = simulate.main(argv)
+    rounds = results["rounds"]
+    assert sum(r["n_late_votes"] for r in rounds) > 0               # late votes came in at a later round
+    assert rounds[0]["n_late_votes"] == 0
+    taste = simulate.parse_taste("regex:a")                         # round 3 and the evaluation judge by 'a'
+    assert rounds[2]["like_rate"] == sum(taste.liked(r["text"]) for r in rounds[2]["replies"]) / 6
+    assert results["eval"]["base_like_rate"] == sum(taste.liked(r["text"]) for r in rounds[0]["replies"]) / 6
+    cast = sum(r["n_votes"] + r["n_late_votes"] for r in rounds + [results["final"]])
+    assert results["store_counts"]["votes"] == cast
+    assert results["vote_rate"] == 0.7 and results["crowd"] == 3
+
+    async def voters():
+        store = await Store.open(tmp_path / "data" / "reactlearn.sqlite3")
+        try:
+            return {u for i in range(1, 25) for u, _, _ in await store.votes_for(i)}
+        finally:
+            await store.close()
+
+    assert asyncio.run(voters()) <= {"sim-person-0", "sim-person-1", "sim-person-2"}

@@ -1,6 +1,7 @@
 """Simulated people with a hidden taste: the end-to-end proof that the bot learns.
 
     python -m trainer.simulate [--taste short] [--rounds 10] [--replies 32] [--voters 3] [--flip 0.1]
+                               [--vote-rate 0.5 --crowd 20 --dissent 0.1 --late 0.2] [--taste-after 6:TASTE]
                                [--lr 2e-4 --kl-coef 0.05 --epochs 2 ...] [--out sim_out]
 
 Everything real except the people: the chat core (``ChatCore.on_message`` with a send
@@ -11,9 +12,13 @@ the trainer round (``run_round``) and the hot-swap (``ChatCore.sync_version``).
 A round:
   1. ``--replies`` prompts from trainer/prompts.txt (seeded sample) are sent to the bot
      at once; the policy generates them as one batch (serving.batch_size = N).
-  2. Each reply gets ``--voters`` simulated users (distinct ids). Each votes 👍 when the
-     taste likes the reply and 👎 otherwise, flipped with probability ``--flip``. Votes
-     are platform reactions on the reply's fake message id, through the chat core.
+  2. Dense votes: each reply gets ``--voters`` simulated users (distinct ids). Each votes 👍
+     when the taste likes the reply and 👎 otherwise, flipped with probability ``--flip``.
+     Sparse votes (``--vote-rate R``, as in a real channel): each reply gets one vote with
+     probability R, from one person drawn from a crowd of ``--crowd`` people; ``--dissent``
+     of the crowd vote by a random taste of their own; ``--late`` of the votes arrive only
+     at the next round (after that round's replies were trained on). Votes are platform
+     reactions on the reply's fake message id, through the chat core.
   3. One training round over this round's replies (``--train-on round``, the default) or
      the newest ``window`` rated replies (``--train-on all``); then the bot hot-swaps.
 Evaluation: before round 1 the base model also answers ``--eval-extra`` more prompts
@@ -23,10 +28,13 @@ again (votes, no training), so base and last version compare on the same prompts
 
 Tastes (``--taste``):
   short                    the reply has 1-19 words (an empty reply is not a reply)
+  coin                     the random-votes control: a fair coin per reply (nothing to learn)
   regex:PATTERN            re.search(PATTERN, reply, re.IGNORECASE)
   python:module:function   function(text) -> bool, or a float in [-1, 1]: each voter then
                            votes 👍 with probability (1 + v) / 2; the reply counts as liked
                            when v > 0.
+``--taste-after ROUND:TASTE`` changes the taste from round ROUND on (the bot must follow);
+the evaluation then judges both base and last version by the new taste.
 
 Per round it prints and saves (``--out``/simulate.json, rewritten after every round): the
 like-rate (share of replies the taste likes, before any flip: the honest measure), the mean

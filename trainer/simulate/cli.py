@@ -36,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replies", type=int, default=32, help="replies per round, generated as one batch (default 32)")
     ap.add_argument("--voters", type=int, default=3, help="simulated users voting on each reply (default 3)")
     ap.add_argument("--flip", type=float, default=0.1, help="probability that a vote is flipped (default 0.1)")
-    ap.add_argument("--taste", default="short", help="short | regex:PATTERN | python:module:function")
+    ap.add_argument("--vote-rate", type=float,
+                    help="sparse votes: each reply gets one vote with this probability, from one person of the "
+                         "crowd (replaces --voters)")
+    ap.add_argument("--crowd", type=int, default=20, help="people who vote, with --vote-rate (default 20)")
+    ap.add_argument("--dissent", type=float, default=0.0,
+                    help="share of the crowd that votes by a random taste of its own (default 0)")
+    ap.add_argument("--late", type=float, default=0.2,
+                    help="share of the sparse votes that arrive only after the next round began (default 0.2)")
+    ap.add_argument("--taste", default="short", help="short | coin | regex:PATTERN | python:module:function")
+    ap.add_argument("--taste-after", metavar="ROUND:TASTE",
+                    help="the people's taste changes to TASTE from round ROUND on, e.g. '6:regex:\\?'")
     ap.add_argument("--seed", type=int, default=0, help="seeds prompts, votes, sampling and the trainer (default 0)")
     ap.add_argument("--model", help="override model.name (a model folder, or 'default')")
     ap.add_argument("--config", type=Path, help="a reactlearn TOML file ([trainer] etc.); default: built-in defaults")
@@ -79,6 +89,14 @@ def check_args(args) -> None:
     need(args.replies >= 2, "--replies must be at least 2 (a mean baseline needs two replies)")
     need(args.voters >= 1, "--voters must be at least 1")
     need(0.0 <= args.flip <= 1.0, "--flip must be in [0, 1]")
+    need(args.vote_rate is None or 0.0 < args.vote_rate <= 1.0, "--vote-rate must be in (0, 1]")
+    need(args.crowd >= 1, "--crowd must be at least 1")
+    need(0.0 <= args.dissent <= 1.0, "--dissent must be in [0, 1]")
+    need(0.0 <= args.late < 1.0, "--late must be in [0, 1)")
+    if args.taste_after is not None:
+        when, _, spec = args.taste_after.partition(":")
+        need(when.isdigit() and 2 <= int(when) <= args.rounds and bool(spec),
+             f"--taste-after must be ROUND:TASTE with ROUND in 2..{args.rounds}, e.g. '6:regex:\\?'")
     need(args.eval_extra >= 0, "--eval-extra must be >= 0")
 
 

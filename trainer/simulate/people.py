@@ -77,22 +77,68 @@ async def ask_all(core, prompts: list[str], tag: str) -> list[Asked]:
     return asked
 
 
-async def vote_all(core, asked: list[Asked], taste: Taste, voters: int, flip: float, rng: random.Random) -> int:
-    """Each simulated voter reacts 👍/👎 on the reply's message through ChatCore.on_reaction."""
-    n = 0
+@dataclass
+class Vote:
+    asked: Asked
+    user_id: str
+    up: bool
+
+
+@dataclass
+class Voters:
+    """Who votes on the bot's replies, and how.
+
+    Dense (``vote_rate`` None): every reply gets ``voters`` votes from distinct people.
+    Sparse: each reply gets one vote with probability ``vote_rate``, from one person drawn
+    from a crowd of ``crowd``; the first ``round(dissent * crowd)`` of them vote by a random
+    taste of their own (a coin per person and reply) instead of the crowd's. Every vote is
+    flipped with probability ``flip``; a share ``late`` of the sparse votes arrives only after
+    the next round has begun (``vote_all`` returns them; the caller casts them later)."""
+
+    taste: Taste
+    flip: float
+    rng: random.Random
+    voters: int = 3
+    vote_rate: float | None = None
+    crowd: int = 20
+    dissent: float = 0.0
+    late: float = 0.0
+
+    def dissents(self, person: int) -> bool:
+        return person < round(self.dissent * self.crowd)
+
+    def _up(self, person_id: str, text: str, dissenter: bool) -> bool:
+        p_up = 0.5 if dissenter else self.taste.p_up(text)
+        liked = (random.Random(f"{person_id}|{text}").random() < 0.5) if dissenter else self.rng.random() < p_up
+        return liked != (self.rng.random() < self.flip)
+
+    def votes_for(self, a: Asked) -> list[Vote]:
+        if self.vote_rate is None:
+            return [Vote(a, f"sim-voter-{k}", self._up(f"sim-voter-{k}", a.sent_text, False))
+                    for k in range(self.voters)]
+        if self.rng.random() >= self.vote_rate:
+            return []
+        person = self.rng.randrange(self.crowd)
+        return [Vote(a, f"sim-person-{person}", self._up(f"sim-person-{person}", a.sent_text, self.dissents(person)))]
+
+
+async def cast(core, votes: list[Vote]) -> int:
+    """Put each vote on its reply's message through ChatCore.on_reaction; how many were cast."""
+    for v in votes:
+        outcome = await core.on_reaction(Reaction(
+            platform=PLATFORM, channel_id=CHANNEL, message_id=v.asked.platform_message_id, user_id=v.user_id,
+            emoji=THUMBS_UP if v.up else THUMBS_DOWN, added=True))
+        if outcome != "added":
+            raise RuntimeError(f"vote on reply #{v.asked.reply_id} was not recorded: {outcome}")
+    return len(votes)
+
+
+async def vote_all(core, asked: list[Asked], voters: Voters) -> tuple[int, list[Vote]]:
+    """The votes on ``asked`` that come now (cast here) and those that come late (returned)."""
+    now, late = [], []
     for a in asked:
         if a.reply_id is None:
             continue
-        p_up = taste.p_up(a.sent_text)
-        for k in range(voters):
-            up = rng.random() < p_up
-            if rng.random() < flip:
-                up = not up
-            outcome = await core.on_reaction(Reaction(
-                platform=PLATFORM, channel_id=CHANNEL, message_id=a.platform_message_id, user_id=f"sim-voter-{k}",
-                emoji=THUMBS_UP if up else THUMBS_DOWN, added=True))
-            if outcome != "added":
-                raise RuntimeError(f"vote on reply #{a.reply_id} was not recorded: {outcome}")
-            n += 1
-    return n
-
+        for v in voters.votes_for(a):
+            (late if voters.vote_rate is not None and voters.rng.random() < voters.late else now).append(v)
+    return await cast(core, now), late

@@ -33,12 +33,13 @@ def print_row(row: dict) -> None:
         print(f"         reason: {train['reason']}", flush=True)
 
 
-def same_prompt_eval(first: dict, base_extra: dict | None, final: dict) -> dict:
+def same_prompt_eval(first: dict, base_extra: dict | None, final: dict, taste: Taste) -> dict:
     """Base model against the last version on the same prompts: round 1's (answered by v0 in
-    round 1) plus the extra ones (answered by v0 before round 1)."""
+    round 1) plus the extra ones (answered by v0 before round 1), both judged by ``taste``
+    (the taste at the end, should it have changed during the run)."""
     before = first["replies"] + (base_extra["replies"] if base_extra else [])
     after = final["replies"]
-    rate = lambda rows: sum(r["liked"] for r in rows) / max(1, len(rows))   # noqa: E731
+    rate = lambda rows: sum(taste.liked(r["text"]) for r in rows) / max(1, len(rows))   # noqa: E731
     return {"prompts": len(after), "base_version": first["serving_version"], "base_like_rate": rate(before),
             "final_version": final["serving_version"], "final_like_rate": rate(after),
             "same_prompts": [r["prompt"] for r in before] == [r["prompt"] for r in after]}
@@ -104,10 +105,16 @@ def plot(results: dict, path: Path) -> None:
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
     ax.set_title(f"taste {results['taste']}: {results['replies']} replies x {len(results['rounds'])} rounds, "
-                 f"{results['voters']} voters, flip {results['flip']}", fontsize=9)
+                 f"{_who(results)}, flip {results['flip']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _who(results: dict) -> str:
+    if results.get("vote_rate") is None:
+        return f"{results['voters']} voters"
+    return f"vote rate {results['vote_rate']}, crowd {results['crowd']}, dissent {results['dissent']}"
 
 
 def print_summary(results: dict) -> None:

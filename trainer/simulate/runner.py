@@ -24,7 +24,7 @@ from bot import process
 
 from .cli import build_parser, check_args, make_configs
 from .metrics import measure, reply_stats, version_kl
-from .people import Asked, ask_all, eval_extra_prompts, load_prompts, sample_prompts, vote_all
+from .people import Asked, Vote, Voters, ask_all, cast, eval_extra_prompts, load_prompts, sample_prompts, vote_all
 from .report import examples, plot, print_row, print_summary, same_prompt_eval, write_json
 from .tastes import Taste, parse_taste
 
@@ -50,7 +50,7 @@ class _Sim:
     json_path: Path
     png_path: Path
     rng: random.Random             # which prompts each round asks
-    vote_rng: random.Random        # the voters' flips
+    voters: Voters                 # who votes, and how
     tmp: tempfile.TemporaryDirectory | None = None   # the data folder, without --data-dir
     prompts: list[str] = field(default_factory=list)
     started: float = 0.0
@@ -59,6 +59,7 @@ class _Sim:
     core: ChatCore | None = None
     learner: Learner | None = None
     results: dict = field(default_factory=dict)
+    late: list[Vote] = field(default_factory=list)   # votes that come at the next round
 
 
 async def run(args) -> dict:
@@ -100,8 +101,10 @@ def _setup(args) -> _Sim:
         cfg.data_dir = tmp.name
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    voters = Voters(taste, args.flip, random.Random(args.seed + 1), voters=args.voters, vote_rate=args.vote_rate,
+                    crowd=args.crowd, dissent=args.dissent, late=args.late)
     sim = _Sim(args, taste, cfg, tcfg, json_path=out_dir / "simulate.json", png_path=out_dir / "learning_curve.png",
-               rng=random.Random(args.seed), vote_rng=random.Random(args.seed + 1), tmp=tmp)
+               rng=random.Random(args.seed), voters=voters, tmp=tmp)
     torch.manual_seed(args.seed)
     sim.prompts = load_prompts()
     sim.started = time.monotonic()
@@ -126,8 +129,10 @@ async def _start(sim: _Sim) -> None:
     await asyncio.to_thread(sim.learner.load)
     sim.results = {
         "command": "python -m trainer.simulate " + " ".join(getattr(args, "argv", []) or []),
-        "taste": args.taste, "rounds_requested": args.rounds, "replies": args.replies, "voters": args.voters,
-        "flip": args.flip, "seed": args.seed, "train_on": args.train_on,
+        "taste": args.taste, "taste_after": args.taste_after, "rounds_requested": args.rounds,
+        "replies": args.replies, "voters": args.voters if args.vote_rate is None else None,
+        "vote_rate": args.vote_rate, "crowd": args.crowd if args.vote_rate is not None else None,
+        "dissent": args.dissent, "late": args.late if args.vote_rate is not None else None, "flip": args.flip, "seed": args.seed, "train_on": args.train_on,
         "model": cfg.model.name, "system_prompt": cfg.model.system_prompt,
         "sampling": dataclasses.asdict(cfg.sampling), "trainer": dataclasses.asdict(tcfg),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -135,7 +140,9 @@ async def _start(sim: _Sim) -> None:
         "setup_seconds": round(time.monotonic() - sim.started, 2),
         "rounds": [], "final": None, "examples": [], "total_seconds": None,
     }
-    print(f"simulate: taste {args.taste!r}, {args.rounds} rounds x {args.replies} replies, {args.voters} voters, "
+    who = (f"{args.voters} voters" if args.vote_rate is None else
+           f"vote rate {args.vote_rate} from a crowd of {args.crowd} (dissent {args.dissent}, late {args.late})")
+    print(f"simulate: taste {args.taste!r}, {args.rounds} rounds x {args.replies} replies, {who}, "
           f"flip {args.flip}, model {cfg.model.name}, data {cfg.data_dir}", flush=True)
 
 
@@ -163,6 +170,7 @@ async def _rounds(sim: _Sim, round1: list[str]) -> tuple[list[Asked], list[Asked
     args = sim.args
     first_asked: list[Asked] = []
     for number in range(1, args.rounds + 1):
+        _maybe_change_taste(sim, number)
         prompts = round1 if number == 1 else sample_prompts(sim.rng, sim.prompts, args.replies)
         row, asked = await _one_round(sim, number, prompts, train=True)
         if number == 1:
@@ -174,12 +182,21 @@ async def _rounds(sim: _Sim, round1: list[str]) -> tuple[list[Asked], list[Asked
     return first_asked, asked
 
 
+def _maybe_change_taste(sim: _Sim, number: int) -> None:
+    """``--taste-after ROUND:TASTE``: from round ROUND on the people like TASTE."""
+    if sim.args.taste_after:
+        when, _, spec = sim.args.taste_after.partition(":")
+        if number == int(when):
+            sim.taste = sim.voters.taste = parse_taste(spec)
+            print(f"round {number}: the people's taste is now {spec!r}", flush=True)
+
+
 async def _final_eval(sim: _Sim, first_asked: list[Asked], extra: list[str]) -> list[Asked]:
     """The last version on round 1's prompts and the extra ones (votes, no training)."""
     row, asked = await _one_round(sim, "final", [a.prompt for a in first_asked] + extra, train=False)
     await _add_reply_stats(sim, row, asked)
     sim.results["final"] = row
-    sim.results["eval"] = same_prompt_eval(sim.results["rounds"][0], sim.results.get("base_eval"), row)
+    sim.results["eval"] = same_prompt_eval(sim.results["rounds"][0], sim.results.get("base_eval"), row, sim.taste)
     print_row(row)
     return asked
 
@@ -212,9 +229,10 @@ async def _one_round(sim: _Sim, number, prompt_list: list[str], *, train: bool,
     for i in range(0, len(prompt_list), args.replies):      # one batch (and queue) at a time
         asked += await ask_all(core, prompt_list[i:i + args.replies], f"r{number}-{i}")
     gen_s = time.monotonic() - t0
-    n_votes = await vote_all(core, asked, sim.taste, args.voters, args.flip, sim.vote_rng) if vote else 0
+    n_late = await cast(core, sim.late) if vote else 0        # last round's late votes come in now
+    n_votes, sim.late = await vote_all(core, asked, sim.voters) if vote else (0, sim.late)
     row = {"round": number, "serving_version": serving, "serving_kl": await version_kl(sim.store, serving),
-           **await measure(core, sim.store, asked, sim.taste), "n_votes": n_votes,
+           **await measure(core, sim.store, asked, sim.taste), "n_votes": n_votes, "n_late_votes": n_late,
            "generate_seconds": round(gen_s, 2)}
     row["kl"] = None
     row["train"] = None

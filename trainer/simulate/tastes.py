@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import random
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +39,9 @@ def _as_score(value) -> float:
 
 
 def parse_taste(spec: str) -> Taste:
-    """``short`` | ``regex:PATTERN`` | ``python:module:function`` (see the package docstring)."""
+    """``short`` | ``coin`` | ``regex:PATTERN`` | ``python:module:function`` (see the package docstring)."""
+    if spec == "coin":       # the random-votes control: a fair coin per reply text, nothing to learn
+        return Taste(spec, lambda t: _as_score(random.Random(f"coin|{t}").random() < 0.5))
     if spec == "short":
         return Taste(spec, lambda t: _as_score(0 < word_count(t) < SHORT_WORDS))
     if spec.startswith("regex:"):
@@ -57,5 +60,5 @@ def parse_taste(spec: str) -> Taste:
         except (ImportError, AttributeError) as e:
             raise ValueError(f"--taste {spec!r}: cannot load {parts[1]}.{parts[2]} ({e})") from None
         return Taste(spec, lambda t: _as_score(fn(t)))
-    raise ValueError(f"--taste {spec!r}: use short, regex:PATTERN or python:module:function")
+    raise ValueError(f"--taste {spec!r}: use short, coin, regex:PATTERN or python:module:function")
 
