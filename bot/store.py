@@ -316,6 +316,15 @@ class Store:
                                    (settled_before, since_id, limit), order="ORDER BY r.id DESC LIMIT ?")
         return rows[::-1]
 
+    async def recent_prompts(self, limit: int) -> list[list[int]]:
+        """The prompts of the newest replies, rated or not, distinct, newest first: at most ``limit``."""
+        rows = await self._all("SELECT prompt_ids FROM replies ORDER BY id DESC LIMIT ?", (limit * 4,))
+        seen: dict[str, list[int]] = {}
+        for r in rows:
+            if r["prompt_ids"] not in seen and len(seen) < limit:
+                seen[r["prompt_ids"]] = json.loads(r["prompt_ids"])
+        return [p for p in seen.values() if p]
+
     async def count_rated_since(self, after_reply_id: int, settled_before: float) -> int:
         row = await self._one(f"SELECT COUNT(*) AS n FROM replies r WHERE r.id > ? AND r.created_at <= ? AND {RATED_SQL}",
                               (after_reply_id, settled_before))

@@ -49,6 +49,33 @@ class _StepHook(LogitsProcessor):
         return scores
 
 
+@torch.no_grad()
+def sample_batch(model, tok, prompts: list[list[int]], *, temperature: float, top_p: float, max_new_tokens: int,
+                 on_step: OnStep | None = None) -> list[tuple[list[int], list[float]]]:
+    """One reply per prompt from ``model``: (sampled ids, end-of-turn included when sampled;
+    their logprobs at ``temperature``, over the whole vocabulary as the trainer computes them)."""
+    input_ids, attention = left_pad(prompts, tok.pad_token_id)
+    width = input_ids.shape[1]
+    gen_config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
+        return_dict_in_generate=True)
+    hooks = LogitsProcessorList([_StepHook(width, on_step)] if on_step else [])
+    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_config,
+                         logits_processor=hooks)
+    new = out.sequences[:, width:]                                        # [B, steps]
+    # one step at a time: a [B, steps, V] float copy would be ~0.4 GB for 32 replies
+    token_logp = torch.stack([                                            # [B, steps]
+        torch.log_softmax(step.float() / temperature, dim=-1).gather(-1, new[:, i:i + 1]).squeeze(-1)
+        for i, step in enumerate(out.logits)], dim=1)
+    results = []
+    for i in range(len(prompts)):
+        ids = new[i].tolist()
+        n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+        results.append((ids[:n], token_logp[i, :n].tolist()))
+    return results
+
+
 class TorchEngine:
     lanes = 1                                        # PeftModel adapter switching is not thread-safe
 
@@ -65,27 +92,8 @@ class TorchEngine:
     def sample(self, prompts: list[list[int]], version: int, *, temperature: float, top_p: float,
                max_new_tokens: int, on_step: OnStep | None = None) -> list[tuple[list[int], list[float]]]:
         """One reply per prompt: (sampled ids, end-of-turn included when sampled; their logprobs)."""
-        tok = self.tokenizer
-        input_ids, attention = left_pad(prompts, tok.pad_token_id)
-        width = input_ids.shape[1]
-        gen_config = GenerationConfig(
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
-            return_dict_in_generate=True)
-        hooks = LogitsProcessorList([_StepHook(width, on_step)] if on_step else [])
-        out = self._model_for(version).generate(input_ids=input_ids, attention_mask=attention,
-                                                generation_config=gen_config, logits_processor=hooks)
-        new = out.sequences[:, width:]                                        # [B, steps]
-        # one step at a time: a [B, steps, V] float copy would be ~0.4 GB for 32 replies
-        token_logp = torch.stack([                                            # [B, steps]
-            torch.log_softmax(step.float() / temperature, dim=-1).gather(-1, new[:, i:i + 1]).squeeze(-1)
-            for i, step in enumerate(out.logits)], dim=1)
-        results = []
-        for i in range(len(prompts)):
-            ids = new[i].tolist()
-            n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
-            results.append((ids[:n], token_logp[i, :n].tolist()))
-        return results
+        return sample_batch(self._model_for(version), self.tokenizer, prompts, temperature=temperature, top_p=top_p,
+                            max_new_tokens=max_new_tokens, on_step=on_step)
 
     def _model_for(self, version: int):
         kind = self._kinds.get(version)

@@ -7,6 +7,7 @@
         adapter_model.safetensors + adapter_config.json   kind "lora" (peft's format)
         model.safetensors                                 kind "full" (tied duplicates dropped)
         optimizer.safetensors                             AdamW's moments, LoRA only, optional
+        reward_model.safetensors                          the round's reward model head, optional
 
 Version 0 is the base model and has no folder. The registry row in the store
 (``model_versions``: path, sha256) says which folders are published; a folder is trusted
@@ -42,6 +43,8 @@ LORA_WEIGHTS = "adapter_model.safetensors"
 LORA_CONFIG = "adapter_config.json"
 FULL_WEIGHTS = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+REWARD_MODEL_FILE = "reward_model.safetensors"
+SIDE_FILES = {OPTIMIZER_FILE: "optimizer_sha256", REWARD_MODEL_FILE: "reward_model_sha256"}   # file → meta key
 KINDS = ("lora", "full")
 TMP_PREFIX = ".tmp-"
 _FOLDER = re.compile(r"^v(\d+)$")
@@ -136,6 +139,33 @@ class VersionFiles:
     kind: str                       # "lora" | "full"
     state: dict[str, torch.Tensor]  # the parsed weights
     meta: dict
+
+
+def read_side_file(folder: Path, name: str, sha256: str | None) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """A side file of a version (``SIDE_FILES``) checked against ``sha256`` (from its meta.json).
+    Returns (tensors or None, why not): a missing or broken side file never breaks the version."""
+    from bot.models import sha256_file
+
+    path = Path(folder) / name
+    if not sha256:
+        return None, f"the version has no {name}"
+    if not path.is_file():
+        return None, f"{name} is missing"
+    if sha256_file(path) != sha256:
+        return None, f"{name} does not match its sha256"
+    try:
+        return parse_safetensors(path.read_bytes()), ""
+    except Exception as e:  # noqa: BLE001 - a broken side file is reported, not raised
+        return None, f"{name} cannot be read ({type(e).__name__})"
+
+
+def read_version_side_file(folder: Path, name: str) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """``read_side_file`` with the sha256 the folder's meta.json records."""
+    try:
+        meta = read_meta(Path(folder))
+    except VersionError as e:
+        return None, f"meta.json unreadable ({e})"
+    return read_side_file(folder, name, meta.get(SIDE_FILES[name]))
 
 
 def read_verified(path: Path, sha256: str) -> VersionFiles:

@@ -79,7 +79,7 @@ def test_read_optimizer_checks_the_sha256(tmp_path):
     sha = sha256_file(tmp_path / OPTIMIZER_FILE)
     state, why = read_optimizer(tmp_path, sha)
     assert why == "" and set(state) == set(export_adam(a, opt_a))
-    assert read_optimizer(tmp_path, None) == (None, "the version has no optimizer state")
+    assert read_optimizer(tmp_path, None) == (None, f"the version has no {OPTIMIZER_FILE}")
     assert read_optimizer(tmp_path, "0" * 64)[1] == f"{OPTIMIZER_FILE} does not match its sha256"
     (tmp_path / OPTIMIZER_FILE).unlink()
     assert read_optimizer(tmp_path, sha)[1] == f"{OPTIMIZER_FILE} is missing"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -85,7 +86,8 @@ async def test_round_makes_liked_reply_likelier_and_disliked_less_likely(tmp_pat
 
     assert result.status == "published", result.reason
     assert (result.version, result.parent, result.n_replies) == (1, 0, 16)
-    assert result.summary().startswith("v1 published: 16 rated replies, mean reward +0.00, KL ")
+    assert re.match(r"v1 published: 16 rated replies \+ \d+ explored samples, mean reward \+0\.00, KL ",
+                    result.summary())
     assert await store.active_version() == 1
     # the published adapter, loaded back through the verified path the trainer uses to continue
     cand = learner.candidate(await store.get_version(1), seed=0)

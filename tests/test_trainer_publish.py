@@ -38,7 +38,8 @@ async def test_crash_before_rename_leaves_no_visible_version(tmp_path, tiny_mode
 
     result = await run_round(store, cfg, tcfg, learner, use_all=True, before_rename=crash)
     assert result.status == "failed" and "publishing failed: Crash: power cut" in result.reason
-    assert seen == [["README.md", "adapter_config.json", "adapter_model.safetensors", "meta.json"]]
+    assert seen == [["README.md", "adapter_config.json", "adapter_model.safetensors", "meta.json",
+                     "reward_model.safetensors"]]
     assert visible_versions(cfg) == []
     assert [v.id for v in await store.versions()] == [0] and await store.active_version() == 0
 

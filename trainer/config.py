@@ -52,6 +52,17 @@ class TrainerConfig:
                                    "beside a LoRA adapter) instead of a fresh optimizer each round. Off: in the "
                                    "simulations it made the KL to the base grow faster (docs/LEARNING.md).")
     max_grad_norm: float = setting(1.0, "Gradients are clipped to this global norm before each step.")
+    # -- more signal per vote (trainer/reward_model.py, trainer/explore.py) -----------
+    reward_model: bool = setting(True, "Each round, fit a reward model P(👍 | conversation, reply) on every vote so "
+                                 "far (a logistic head on the frozen base model's features), sample explore_samples "
+                                 "replies for each of the explore_prompts newest prompts from the active version, "
+                                 "score them with it and learn from them too (RLOO advantages). Off: learn from the "
+                                 "voted replies only.")
+    explore_prompts: int = setting(8, "Newest distinct prompts the trainer samples its own replies for each round.")
+    explore_samples: int = setting(4, "Replies sampled per explored prompt (k >= 2: each is compared with the mean "
+                                   "of the other k - 1).")
+    reward_model_l2: float = setting(1.0, "L2 penalty of the reward model's head (on standardised features).")
+    reward_model_window: int = setting(4096, "Most rated replies (the newest) the reward model is fitted on.")
     # -- what is trained ----------------------------------------------------------
     full_finetune: bool = setting(False, "Train every weight instead of a LoRA adapter (versions are then the "
                                   "size of the model, and the KL reference is a second copy of the base).")
@@ -99,6 +110,11 @@ class TrainerConfig:
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0.")
         check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"use one of {list(KL_ESTIMATORS)}.")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0.")
+        check(self.explore_prompts >= 1, "explore_prompts", "must be at least 1 (turn exploration off with "
+                                                          "reward_model = false).")
+        check(2 <= self.explore_samples <= 64, "explore_samples", "must be between 2 and 64.")
+        check(self.reward_model_l2 > 0, "reward_model_l2", "must be > 0.")
+        check(self.reward_model_window >= 2, "reward_model_window", "must be at least 2.")
         check(self.lora_rank >= 1, "lora_rank", "must be at least 1.")
         check(self.lora_alpha > 0, "lora_alpha", "must be > 0.")
         check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1).")

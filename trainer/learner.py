@@ -104,6 +104,8 @@ class Learner:
         self.progress = progress
         self.base = None
         self.tokenizer = None
+        self.reward_model = None       # the newest fitted reward model (trainer/reward_model.py)
+        self._features = None
 
     # -- the base model -------------------------------------------------------
 
@@ -119,6 +121,15 @@ class Learner:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.base, self.tokenizer = model.eval(), tokenizer
+
+    def features(self):
+        """The reward model's features of replies under the frozen base, cached by reply id."""
+        from trainer.reward_model import FeatureCache
+
+        self.load()
+        if self._features is None:
+            self._features = FeatureCache(self.base, self.tokenizer.pad_token_id)
+        return self._features
 
     # -- the candidate ----------------------------------------------------------
 

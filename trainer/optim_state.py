@@ -24,11 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from bot import versions
-from bot.models import sha256_file
-from bot.policy_types import VersionError
 from bot.versions import OPTIMIZER_FILE
 _KEYS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -76,24 +73,10 @@ def import_adam(model, opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]
 def read_optimizer(folder: Path, sha256: str | None) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The optimizer state saved in a version folder, checked against its sha256 from meta.json.
     Returns (state or None, why not)."""
-    path = Path(folder) / OPTIMIZER_FILE
-    if not sha256:
-        return None, "the version has no optimizer state"
-    if not path.is_file():
-        return None, f"{OPTIMIZER_FILE} is missing"
-    if sha256_file(path) != sha256:
-        return None, f"{OPTIMIZER_FILE} does not match its sha256"
-    try:
-        return load_file(str(path)), ""
-    except Exception as e:  # noqa: BLE001 - a broken file only means a fresh optimizer
-        return None, f"{OPTIMIZER_FILE} cannot be read ({type(e).__name__})"
+    return versions.read_side_file(folder, OPTIMIZER_FILE, sha256)
 
 
 def read_version_optimizer(folder: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The optimizer state of the version in ``folder``, checked against the sha256 its
     meta.json records. Returns (state or None, why not)."""
-    try:
-        meta = versions.read_meta(Path(folder))
-    except VersionError as e:
-        return None, f"meta.json unreadable ({e})"
-    return read_optimizer(folder, meta.get("optimizer_sha256"))
+    return versions.read_version_side_file(folder, OPTIMIZER_FILE)

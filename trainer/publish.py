@@ -50,9 +50,11 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def stage(versions_dir: Path, version: int, model, kind: str, meta: dict,
-          optimizer: dict[str, torch.Tensor] | None = None) -> tuple[Path, str]:
+          side: dict[str, dict[str, torch.Tensor]] | None = None) -> tuple[Path, str]:
     """Write weights + meta.json into ``versions_dir/.tmp-vNNNN-PID`` and fsync them.
 
+    ``side``: optional side files (``versions.SIDE_FILES``: the optimizer state, the reward
+    model) by file name; each is saved with its sha256 in meta.json.
     Returns (tmp folder, sha256 of the weights). Nothing is visible yet."""
     versions_dir.mkdir(parents=True, exist_ok=True)
     tmp = versions_dir / f"{versions.TMP_PREFIX}{versions.dirname(version)}-{os.getpid()}"
@@ -62,9 +64,10 @@ def stage(versions_dir: Path, version: int, model, kind: str, meta: dict,
     weights_file = versions.write_weights(tmp, model, kind)
     sha = sha256_file(tmp / weights_file)
     meta = {**meta, "version": version, "kind": kind, "weights_file": weights_file, "sha256": sha}
-    if optimizer:
-        save_file(optimizer, str(tmp / versions.OPTIMIZER_FILE), metadata={"format": "pt"})
-        meta["optimizer_sha256"] = sha256_file(tmp / versions.OPTIMIZER_FILE)
+    for name, tensors in (side or {}).items():
+        if tensors:
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            meta[versions.SIDE_FILES[name]] = sha256_file(tmp / name)
     versions.write_meta(tmp, meta)
     for p in tmp.iterdir():
         p.chmod(0o644)       # readable by the bot even if it runs as another user of the group
@@ -83,7 +86,7 @@ def commit(tmp: Path, final: Path) -> None:
 
 async def publish(store: Store, versions_dir: Path, *, version: int, parent: int, model, kind: str,
                   meta: dict, metrics: dict, before_rename: Callable[[Path], None] | None = None,
-                  optimizer: dict[str, torch.Tensor] | None = None) -> Path:
+                  side: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Stage, rename and register+activate version ``version``. Returns its folder.
 
     ``before_rename(tmp)`` runs after the files are written and synced and before the
@@ -94,7 +97,7 @@ async def publish(store: Store, versions_dir: Path, *, version: int, parent: int
     versions_dir = Path(versions_dir)
     final = versions_dir / versions.dirname(version)
     meta = {**meta, "parent": parent, "metrics": metrics, "created_at": time.time()}
-    tmp, sha = await asyncio.to_thread(stage, versions_dir, version, model, kind, meta, optimizer)
+    tmp, sha = await asyncio.to_thread(stage, versions_dir, version, model, kind, meta, side)
     try:
         if before_rename is not None:
             before_rename(tmp)

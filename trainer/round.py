@@ -10,10 +10,15 @@
              training, with its AdamW moments when ``keep_optimizer``), a fresh adapter
              when v0 is active, or full weights when ``full_finetune``.
              Reference = the adapter switched off (= the base model).
+2b. explore  (``reward_model``) fit the reward model on every vote so far (trainer/
+             reward_model.py; first its predecessor is tested on the votes it never saw),
+             sample ``explore_samples`` replies for each of the ``explore_prompts`` newest
+             prompts from the candidate, score them, RLOO advantages (trainer/explore.py).
 3. train     epochs × shuffled minibatches: recompute log π_θ of the recorded tokens at
              each reply's own temperature, the reference without grad, PPO-clip + KL
              loss (trainer/loss.py; the KL exact over the vocabulary by default),
-             backward, clip the grad norm, AdamW step.
+             backward, clip the grad norm, AdamW step; over the voted replies and the
+             explored samples together.
              A NaN/inf anywhere, or the stop event, aborts: nothing is published.
 4. gates     probe prompts: KL to the base, empty/looping replies, finite loss.
 5. publish   atomic folder + registry row + activate, or a "rejected" row with the reason.
@@ -31,15 +36,21 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from bot.config import Config
 from bot.policy_types import VersionError
 from bot.store import Store
 from trainer.config import TrainerConfig
+from bot import versions
 from trainer.data import Example, make_examples
+from trainer.explore import rloo_examples, sample
+from trainer.fluency import degenerate
 from trainer.gates import GateReport, Interrupted
 from trainer.learner import Candidate, Learner, NonFinite, TrainStats
 from trainer.optim_state import read_version_optimizer
 from trainer.publish import prune, publish, reject
+from trainer.reward_model import RewardModel, fit_on_votes
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +69,15 @@ class RoundResult:
     parent: int | None = None
     interrupted: bool = False      # the stop event ended the round
     last_reply_id: int | None = None   # newest reply the round learned from
+    n_explored: int = 0            # the trainer's own samples learned from (reward model, RLOO)
+    reward_model: dict = field(default_factory=dict)   # its report: held-out AUC/accuracy, votes, ...
     timings: dict = field(default_factory=dict)   # seconds per phase: model, train, gates, publish
 
     def summary(self) -> str:
         if self.status == "published":
             degenerate = f" ({self.n_degenerate} degenerate, counted as disliked)" if self.n_degenerate else ""
-            return (f"v{self.version} published: {self.n_replies} rated replies{degenerate}, "
+            explored = f" + {self.n_explored} explored samples" if self.n_explored else ""
+            return (f"v{self.version} published: {self.n_replies} rated replies{degenerate}{explored}, "
                     f"mean reward {self.mean_reward:+.2f}, KL {self.kl:.2g}")
         if self.status == "rejected":
             return f"v{self.version} rejected: {self.reason}"
@@ -90,6 +104,9 @@ async def run_round(store: Store, cfg: Config, tcfg: TrainerConfig, learner: Lea
         return await r.finish(skipped)
     try:
         cand, opt_state = await _model(r)            # 2. model
+        no_signal = await _explore(r, cand)          # 2b. explore
+        if no_signal:
+            return await r.finish(no_signal)
         stats = await _train(r, cand, opt_state)     # 3. train
         report = await _gates(r, cand, stats)        # 4. gates
     except Interrupted as e:
@@ -117,7 +134,10 @@ class _Round:
     parent: int                    # the active version the round starts from
     round_id: int                  # its row in the store's ``rounds`` table
     started: float                 # time.monotonic() at the start
-    examples: list[Example] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)       # the voted replies
+    explored: list[Example] = field(default_factory=list)       # the trainer's own samples
+    reward_model: RewardModel | None = None
+    rm_report: dict = field(default_factory=dict)
     mean_reward: float | None = None
     n_degenerate: int = 0
     timings: dict[str, float] = field(default_factory=dict)   # seconds per phase: model, train, gates, publish
@@ -142,6 +162,7 @@ class _Round:
         result.seconds = time.monotonic() - self.started
         result.parent = self.parent
         result.last_reply_id = max((e.reply_id for e in self.examples), default=None)
+        result.n_explored, result.reward_model = len(self.explored), self.rm_report
         await self.store.finish_round(self.round_id, status=result.status, version=result.version,
                                       n_replies=result.n_replies, mean_reward=result.mean_reward, kl=result.kl,
                                       loss=result.loss, reason=result.reason)
@@ -162,7 +183,7 @@ async def _data(r: _Round, *, all_rated: bool) -> RoundResult | None:
     if n < 2:
         return RoundResult("skipped", n_replies=n, reason=f"{n} settled rated replies; need at least 2")
     r.mean_reward = sum(e.reward for e in examples) / n
-    if max(abs(e.advantage) for e in examples) < 1e-6:
+    if max(abs(e.advantage) for e in examples) < 1e-6 and not t.reward_model:
         return RoundResult("skipped", n_replies=n, mean_reward=r.mean_reward,
                            reason=f"all {n} rated replies have the same reward ({r.mean_reward:+.2f}); "
                                   f"nothing to learn with the '{t.baseline}' baseline")
@@ -191,9 +212,68 @@ async def _model(r: _Round) -> tuple[Candidate, dict | None]:
     return cand, opt_state
 
 
+async def _explore(r: _Round, cand: Candidate) -> RoundResult | None:
+    """2b. explore (``reward_model``): the reward model on every vote so far, then the
+    candidate's own samples scored by it (``r.explored``). A "skipped" result when neither
+    the votes nor the samples carry a signal."""
+    t = r.tcfg
+    if t.reward_model:
+        replies = await r.store.rated_replies(time.time(), limit=t.reward_model_window)
+        previous = r.learner.reward_model or await asyncio.to_thread(_saved_reward_model, await
+                                                                     r.store.get_version(r.parent))
+        r.reward_model, r.rm_report = await asyncio.to_thread(fit_on_votes, r.learner.features(), replies, previous,
+                                                              t.reward_model_l2)
+        log.info("reward model: %s", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in r.rm_report.items()))
+        if r.reward_model is not None:
+            r.learner.reward_model = r.reward_model
+            prompts = await r.store.recent_prompts(t.explore_prompts)
+            r.explored = await asyncio.to_thread(_explored, r, cand, prompts)
+    r.lap("explore")
+    if max(abs(e.advantage) for e in r.examples + r.explored) < 1e-6:
+        n = len(r.examples)
+        return RoundResult("skipped", n_replies=n, mean_reward=r.mean_reward,
+                           reason=f"all {n} rated replies have the same reward ({r.mean_reward:+.2f}) and no "
+                                  f"reward model could be fitted ({r.rm_report.get('rm_skipped', 'off')}); "
+                                  f"nothing to learn with the '{t.baseline}' baseline")
+    return None
+
+
+def _explored(r: _Round, cand: Candidate, prompts: list[list[int]]) -> list[Example]:
+    """The candidate's samples for ``prompts``, rewarded by the reward model (a degenerate
+    one counts as disliked, like a voted one) → RLOO examples (blocking)."""
+    s, t, tok = r.cfg.sampling, r.tcfg, r.learner.tokenizer
+    samples = sample(cand.model, tok, prompts, t.explore_samples, temperature=s.temperature, top_p=s.top_p,
+                     max_new_tokens=s.max_new_tokens, seed=r.seed)
+    samples = [x for x in samples if x.output_ids]
+    if not samples:
+        return []
+    p = r.reward_model.predict(r.learner.features().of([x.as_example(s.temperature) for x in samples]))
+    rewards = torch.tensor([-1.0 if t.punish_degenerate and degenerate(x.text, t.max_repetition) else 2 * q - 1
+                            for x, q in zip(samples, p.tolist())])
+    log.info("explored %d samples for %d prompts: reward model mean %.3f, min %.3f, max %.3f", len(samples),
+             len(prompts), float(p.mean()), float(p.min()), float(p.max()))
+    return rloo_examples(samples, rewards, s.temperature)
+
+
+def _saved_reward_model(version) -> RewardModel | None:
+    """The reward model published with ``version`` (None for v0, or when it has none/a bad one)."""
+    if version is None or not version.path:
+        return None
+    state, why = versions.read_version_side_file(Path(version.path), versions.REWARD_MODEL_FILE)
+    if state is None:
+        log.info("reward model: none saved with v%d (%s)", version.id, why)
+        return None
+    try:
+        return RewardModel.from_state(state)
+    except ValueError as e:
+        log.warning("reward model saved with v%d is unusable (%s)", version.id, e)
+        return None
+
+
 async def _train(r: _Round, cand: Candidate, opt_state: dict | None) -> TrainStats:
     """3. train: epochs × minibatches (trainer/learner.py); NaN/inf or the stop event raise."""
-    stats = await asyncio.to_thread(r.learner.train, cand.model, cand.reference, r.examples, seed=r.seed,
+    stats = await asyncio.to_thread(r.learner.train, cand.model, cand.reference, r.examples + r.explored, seed=r.seed,
                                     stop=r.stop, tcfg=r.tcfg, desc=f"round from v{r.parent}", opt_state=opt_state)
     r.lap("train")
     return stats
@@ -231,7 +311,9 @@ async def _publish(r: _Round, cand: Candidate, stats: TrainStats, report: GateRe
     meta = {"base_model": r.cfg.model.name, "trainer": asdict(r.tcfg), "reply_ids": [e.reply_id for e in r.examples]}
     try:
         await publish(r.store, r.cfg.versions_dir, version=version, parent=r.parent, model=cand.model, kind=cand.kind,
-                      meta=meta, metrics=metrics, before_rename=before_rename, optimizer=stats.optimizer)
+                      meta=meta, metrics=metrics, before_rename=before_rename,
+                      side={versions.OPTIMIZER_FILE: stats.optimizer,
+                            versions.REWARD_MODEL_FILE: r.reward_model.state() if r.reward_model else {}})
     except Exception as e:  # noqa: BLE001
         log.exception("publishing v%d failed", version)
         return r.failed(f"publishing failed: {type(e).__name__}: {e}", kl=report.kl, loss=stats.loss)
@@ -248,4 +330,5 @@ def _metrics(r: _Round, cand: Candidate, stats: TrainStats, report: GateReport) 
             "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
             "offpolicy_mean": stats.offpolicy_mean, "offpolicy_max": stats.offpolicy_max,
             "is_truncated": stats.is_truncated,
+            "n_explored": len(r.explored), **r.rm_report,
             "kind": cand.kind, "start": cand.note, "seconds": r.timings, **report.as_metrics()}

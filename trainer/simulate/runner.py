@@ -259,7 +259,8 @@ async def _train_and_swap(sim: _Sim) -> dict:
             "probe_repetition": m.get("probe_repetition"),
             "probe_empty_share": m.get("probe_empty_share"),
             "probe_spam_share": m.get("probe_spam_share"), "n_degenerate": m.get("n_degenerate"),
-            "start": m.get("start"),
+            "start": m.get("start"), "n_explored": m.get("n_explored"),
+            "reward_model": {k: v for k, v in m.items() if k.startswith("rm_")},
             "seconds": round(res.seconds, 2), "timings": res.timings,
             "wall_seconds": round(time.monotonic() - t1, 2)}
 
