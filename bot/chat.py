@@ -357,7 +357,8 @@ class ChatCore:
             if post is None:
                 continue
             try:
-                await post(req["channel_id"], f"Retrain #{req['id']}: {req['result']}")
+                what = "Auto-rollback" if req["requested_by"] == "auto-rollback" else f"Retrain #{req['id']}"
+                await post(req["channel_id"], f"{what}: {req['result']}")
             except Exception:  # noqa: BLE001 - try again next poll, a few times
                 tries = self._post_tries[req["id"]] = self._post_tries.get(req["id"], 0) + 1
                 if tries < POST_TRIES:

@@ -389,6 +389,12 @@ class Store:
             f"  SELECT r.version, {REWARD_SQL} AS reward FROM replies r WHERE {RATED_SQL}) GROUP BY version")
         return {r["version"]: (r["n"], r["like_rate"]) for r in rows}
 
+    async def newest_rated_channel(self, version: int) -> tuple[str, str] | None:
+        """(platform, channel) of ``version``'s newest rated reply, None when it has none."""
+        row = await self._one(f"SELECT platform, channel_id FROM replies r WHERE version = ? AND {RATED_SQL} "
+                              "ORDER BY id DESC LIMIT 1", (version,))
+        return (row["platform"], row["channel_id"]) if row else None
+
     # -- train requests and rounds ------------------------------------------
 
     async def add_train_request(self, platform: str, channel_id: str, requested_by: str) -> int:

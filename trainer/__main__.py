@@ -98,6 +98,7 @@ class Trainer:
 
     async def run(self, once: bool = False) -> int:
         from trainer.publish import clean_stale
+        from trainer.rollback import check_rollback
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,6 +117,7 @@ class Trainer:
                      await store.active_version())
             next_scheduled = 0.0
             while not self.stop.is_set():
+                await check_rollback(store, self.tcfg)
                 served = await self.serve_requests()
                 if not served and (once or time.monotonic() >= next_scheduled):
                     next_scheduled = time.monotonic() + self.tcfg.interval_seconds

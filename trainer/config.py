@@ -81,6 +81,13 @@ class TrainerConfig:
     max_spam_share: float = setting(0.125, "Gate: at most this share of probe replies may hold 5+ emoji/symbol "
                                     "characters (0.125 = one of the 8 probes).")
     probe_max_new_tokens: int = setting(48, "Tokens sampled per probe prompt for the gates.")
+    # -- auto-rollback (trainer/rollback.py) ---------------------------------------
+    auto_rollback: bool = setting(True, "Roll the active version back to its parent when people like it "
+                                  "significantly less (one-sided two-proportion z-test on the share of liked "
+                                  "rated replies each version got while it served).")
+    rollback_min_rated: int = setting(30, "The test runs only when both versions have at least this many rated "
+                                      "replies.")
+    rollback_p: float = setting(0.05, "Roll back when the test's p-value is below this.")
     # -- housekeeping -------------------------------------------------------------
     keep_versions: int = setting(5, "Published version folders kept on disk (the active one and its parent are "
                                  "always kept).")
@@ -125,6 +132,8 @@ class TrainerConfig:
         check(0 <= self.max_empty_share <= 1, "max_empty_share", "must be in [0, 1].")
         check(0 <= self.max_spam_share <= 1, "max_spam_share", "must be in [0, 1].")
         check(1 <= self.probe_max_new_tokens <= 1024, "probe_max_new_tokens", "must be between 1 and 1024.")
+        check(self.rollback_min_rated >= 2, "rollback_min_rated", "must be at least 2.")
+        check(0 < self.rollback_p < 1, "rollback_p", "must be in (0, 1); 0.05 is usual.")
         check(self.keep_versions >= 2, "keep_versions", "must be at least 2 (the active version and one to "
                                                         "roll back to).")
         check(self.heartbeat_seconds > 0, "heartbeat_seconds", "must be > 0 seconds.")

@@ -246,9 +246,13 @@ async def _one_round(sim: _Sim, number, prompt_list: list[str], *, train: bool,
 
 async def _train_and_swap(sim: _Sim) -> dict:
     """One trainer round on every rated reply, then the hot-swap; the row's ``train`` part."""
+    from trainer.rollback import check_rollback
     from trainer.round import run_round
 
     t1 = time.monotonic()
+    rollback = await check_rollback(sim.store, sim.tcfg)      # as the trainer's loop does before a round
+    if rollback is not None:
+        print(f"auto-rollback: {rollback.message()}", flush=True)
     res = await run_round(sim.store, sim.cfg, sim.tcfg, sim.learner, use_all=True)
     await sim.core.sync_version()
     v = await sim.store.get_version(res.version) if res.version is not None else None
@@ -260,6 +264,7 @@ async def _train_and_swap(sim: _Sim) -> dict:
             "probe_empty_share": m.get("probe_empty_share"),
             "probe_spam_share": m.get("probe_spam_share"), "n_degenerate": m.get("n_degenerate"),
             "start": m.get("start"), "n_explored": m.get("n_explored"),
+            "auto_rollback": rollback.message() if rollback else None,
             "reward_model": {k: v for k, v in m.items() if k.startswith("rm_")},
             "seconds": round(res.seconds, 2), "timings": res.timings,
             "wall_seconds": round(time.monotonic() - t1, 2)}
