@@ -231,7 +231,8 @@ class ChatCore:
             rid = await self.store.add_train_request(c.platform, c.channel_id, c.user_id)
             return CommandResult(f"Retrain request #{rid} queued; the trainer will post the result here.", ok=True)
         if c.name == "status":
-            return CommandResult(await self.status_text(), ok=True)
+            text, chart = await self.status_text(), await self.status_chart()
+            return CommandResult(text, ok=True, image=chart)
         if c.name == "rollback":
             return await self.rollback(c.args.get("version"), c)
         if c.name == "forget":
@@ -269,6 +270,21 @@ class ChatCore:
         await self.store.set_state("serving_version", str(version))
         log.info("rolled back to v%d", version)
         return CommandResult(f"Rolled back: now serving v{version}.", ok=True)
+
+    async def status_chart(self) -> str | None:
+        """Draw /status's chart (bot/chart.py) as ``data_dir/status.png``; its path, or None
+        when it cannot be drawn (logged: the text answer goes out regardless)."""
+        from bot.chart import draw_status_chart
+
+        s = self.store
+        path = Path(self.cfg.data_dir).expanduser() / "status.png"
+        try:
+            await asyncio.to_thread(draw_status_chart, await s.versions(), await s.rating_by_version(),
+                                    await s.active_version(), path)
+        except Exception:  # noqa: BLE001 - a picture must never cost the answer
+            log.exception("could not draw the status chart")
+            return None
+        return str(path)
 
     async def status_text(self, n_versions: int = 5) -> str:
         s = self.store

@@ -70,3 +70,4 @@ class Command:
 class CommandResult:
     text: str
     ok: bool
+    image: str | None = None      # a PNG to attach where the platform can (/status's chart)

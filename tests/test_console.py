@@ -60,6 +60,8 @@ def test_console_through_a_pipe(tmp_path, tiny_model_dir):
     assert "(👎 on #1)" in lines and "(👎 on #2)" in lines
     assert "Replies: 2, votes: 2, rated replies: 2" in out.stdout
     assert "  v0 (active): liked 0% of 2" in lines      # the versions list in /status
+    chart = tmp_path / "data" / "status.png"                 # and its chart, saved where it says
+    assert f"Chart: {chart}" in lines and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "(there is no reply #99)" in lines
     assert "There is no version 7." in lines
     votes = db.execute("SELECT reply_id, user_id, emoji, value FROM votes ORDER BY reply_id").fetchall()

@@ -605,9 +605,13 @@ async def test_rollback_and_status(start_bot):
     assert await bot.store.active_version() == 0 and bot.core.policy.active_version == 0
     assert "Only admins" in await command(bot, "rollback", {"version": 0}, user=BOB_ID)
 
-    text = await command(bot, "status", user=BOB_ID)
-    assert "Active version: v0" in text
-    assert "Replies: 1, votes: 1, rated replies: 1" in text
+    rec = await bot.fake.slash("status", {}, BOB_ID)
+    msg = await bot.fake.wait_interaction_message(rec, timeout=20)
+    assert "Active version: v0" in msg["content"]
+    assert "Replies: 1, votes: 1, rated replies: 1" in msg["content"]
+    chart = Path(bot.core.cfg.data_dir) / "status.png"                 # the chart goes along as a file
+    assert [(a["filename"], a["size"]) for a in msg["attachments"]] == [("status.png", chart.stat().st_size)]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 async def test_forget(start_bot):

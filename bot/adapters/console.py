@@ -169,7 +169,7 @@ class Console:
         args = {"version": rest} if name == "rollback" else ({"user": rest} if name == "forget" and rest else {})
         # The playground's one person is its admin.
         result = await self.core.on_command(Command(PLATFORM, CHANNEL, self.user, name, args, is_platform_admin=True))
-        self.say(result.text)
+        self.say(result.text + (f"\nChart: {result.image}" if result.image else ""))
         return True
 
 

@@ -218,12 +218,15 @@ class DiscordAdapter:
     async def _run(self, interaction: discord.Interaction, name: str, args: dict | None = None) -> None:
         # Acknowledge at once (Discord allows 3 s); the work may take longer (loading a version).
         await interaction.response.defer(ephemeral=True, thinking=True)
+        image = None
         try:
-            text = (await self.core.on_command(self._command(interaction, name, args or {}))).text
+            result = await self.core.on_command(self._command(interaction, name, args or {}))
+            text, image = result.text, result.image
         except Exception:  # noqa: BLE001 - never leave the person with an endless "thinking…"
             log.exception("/%s failed", name)
             text = f"Sorry, /{name} failed; the error is in the bot's log."
-        await interaction.followup.send(split_text(text)[0] or "…", ephemeral=True)
+        extra = {"file": discord.File(image, filename="status.png")} if image else {}
+        await interaction.followup.send(split_text(text)[0] or "…", ephemeral=True, **extra)
 
     def _register_commands(self) -> None:
         tree = self.tree
