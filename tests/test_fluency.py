@@ -9,7 +9,7 @@ from tests.trainer_helpers import add_rated, prompt_ids, seq_logprob, tiny_confi
 from trainer.config import TrainerConfig
 from trainer.data import DEGENERATE_REWARD, make_examples
 from trainer.fluency import degenerate, repetition, symbol_spam
-from trainer.gates import judge
+from trainer.gates import ProbeBaseline, judge
 from trainer.learner import Learner
 from trainer.round import run_round
 
@@ -80,6 +80,19 @@ def test_gate_order_and_other_failures():
     assert judge([FINE] * 8, float("nan"), t).reason == "probe KL is not finite (nan)"
     assert judge([""] * 3 + [FINE] * 5, 0.01, t).reason.startswith("38% of probe replies empty")
     assert judge([LOOP] * 8, 0.01, t).reason.startswith("repetition 0.")
+
+
+def test_gate_rejects_a_candidate_that_talks_worse_than_the_base():
+    t = TrainerConfig(max_nll_increase=0.3, min_length_ratio=0.5)
+    base = ProbeBaseline(nll=1.5, words=40.0)
+    assert judge([FINE] * 8, 0.01, t, nll=1.75, words=30.0, baseline=base).passed
+    worse = judge([FINE] * 8, 0.01, t, nll=1.9, words=30.0, baseline=base)
+    assert not worse.passed and worse.reason == ("base-model NLL of the probe replies 1.90 is 0.40 nats/token above "
+                                                 "the base's own 1.50 (> 0.3)")
+    short = judge([FINE] * 8, 0.01, t, nll=1.5, words=12.0, baseline=base)
+    assert not short.passed and short.reason == "probe replies average 12.0 words, under 50% of the base's 40.0"
+    assert short.as_metrics()["probe_base_words"] == 40.0 and short.as_metrics()["probe_nll"] == 1.5
+    assert judge([FINE] * 8, 0.01, t, nll=9.0, words=1.0).passed       # no baseline: no fluency check
 
 
 async def test_a_round_learns_liked_spam_as_disliked(tmp_path, tiny_model_dir, store_for):

@@ -241,4 +241,4 @@ def test_gate_pieces(tmp_path, tiny_model_dir):
         policy.close()
     prompts = [render_prompt(tok, "", p) for p in PROBES[:2]]
     replies = [tok.encode(" hello there", add_special_tokens=False), []]
-    assert probe_kl(model, model, prompts, replies, 0.8, tok.pad_token_id) == pytest.approx(0.0, abs=1e-6)
+    assert probe_kl(model, model, prompts, replies, 0.8, tok.pad_token_id)[0] == pytest.approx(0.0, abs=1e-6)

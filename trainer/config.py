@@ -80,6 +80,11 @@ class TrainerConfig:
     max_empty_share: float = setting(0.25, "Gate: at most this share of probe replies may be empty.")
     max_spam_share: float = setting(0.125, "Gate: at most this share of probe replies may hold 5+ emoji/symbol "
                                     "characters (0.125 = one of the 8 probes).")
+    max_nll_increase: float = setting(0.3, "Gate: the base model's NLL per token of the candidate's probe replies "
+                                      "may exceed its NLL of its own probe replies by at most this many nats "
+                                      "(the candidate must not talk in ways the base finds unlikely).")
+    min_length_ratio: float = setting(0.5, "Gate: the candidate's probe replies must average at least this share "
+                                      "of the base model's probe replies' length in words.")
     probe_max_new_tokens: int = setting(48, "Tokens sampled per probe prompt for the gates.")
     # -- auto-rollback (trainer/rollback.py) ---------------------------------------
     auto_rollback: bool = setting(True, "Roll the active version back to its parent when people like it "
@@ -131,6 +136,8 @@ class TrainerConfig:
         check(0 < self.max_repetition <= 1, "max_repetition", "must be in (0, 1].")
         check(0 <= self.max_empty_share <= 1, "max_empty_share", "must be in [0, 1].")
         check(0 <= self.max_spam_share <= 1, "max_spam_share", "must be in [0, 1].")
+        check(self.max_nll_increase > 0, "max_nll_increase", "must be > 0 nats per token.")
+        check(0 <= self.min_length_ratio <= 1, "min_length_ratio", "must be in [0, 1] (0 turns the check off).")
         check(1 <= self.probe_max_new_tokens <= 1024, "probe_max_new_tokens", "must be between 1 and 1024.")
         check(self.rollback_min_rated >= 2, "rollback_min_rated", "must be at least 2.")
         check(0 < self.rollback_p < 1, "rollback_p", "must be in (0, 1); 0.05 is usual.")

@@ -29,7 +29,7 @@ from bot.policy_types import VersionError
 from bot.store import Version
 from trainer.config import TrainerConfig
 from trainer.data import Example, collate, minibatches, reference_logits, reply_logits, tempered
-from trainer.gates import GateReport, Interrupted, run_gates
+from trainer.gates import GateReport, Interrupted, probe_baseline, run_gates
 from trainer.loss import full_kl, pg_loss, token_logprobs
 from trainer.optim_state import export_adam, import_adam
 
@@ -105,6 +105,7 @@ class Learner:
         self.base = None
         self.tokenizer = None
         self.reward_model = None       # the newest fitted reward model (trainer/reward_model.py)
+        self._probe_baselines: dict = {}   # gate settings → the base's own probe replies (trainer/gates.py)
         self._features = None
 
     # -- the base model -------------------------------------------------------
@@ -329,7 +330,12 @@ class Learner:
     def gates(self, model, reference, loss: float, stop: threading.Event, cfg: Config | None = None,
               tcfg: TrainerConfig | None = None) -> GateReport:
         """Probe the candidate with the serving settings of ``cfg`` (blocking)."""
-        cfg = cfg or self.cfg
+        cfg, t = cfg or self.cfg, tcfg or self.tcfg
         s = cfg.sampling
-        return run_gates(model, reference, self.tokenizer, system_prompt=cfg.model.system_prompt,
-                         temperature=s.temperature, top_p=s.top_p, tcfg=tcfg or self.tcfg, loss=loss, stop=stop)
+        settings = dict(system_prompt=cfg.model.system_prompt, temperature=s.temperature, top_p=s.top_p)
+        key = (tuple(settings.values()), t.probe_max_new_tokens, t.seed)
+        if key not in self._probe_baselines:      # the base is frozen: its own probe replies once per setting
+            self._probe_baselines[key] = probe_baseline(model, reference, self.tokenizer, tcfg=t, stop=stop,
+                                                        **settings)
+        return run_gates(model, reference, self.tokenizer, tcfg=t, loss=loss, stop=stop,
+                         baseline=self._probe_baselines[key], **settings)

@@ -263,6 +263,8 @@ async def _train_and_swap(sim: _Sim) -> dict:
             "probe_repetition": m.get("probe_repetition"),
             "probe_empty_share": m.get("probe_empty_share"),
             "probe_spam_share": m.get("probe_spam_share"), "n_degenerate": m.get("n_degenerate"),
+            "probe_nll": m.get("probe_nll"), "probe_base_nll": m.get("probe_base_nll"),
+            "probe_words": m.get("probe_words"), "probe_base_words": m.get("probe_base_words"),
             "start": m.get("start"), "n_explored": m.get("n_explored"),
             "auto_rollback": rollback.message() if rollback else None,
             "reward_model": {k: v for k, v in m.items() if k.startswith("rm_")},
