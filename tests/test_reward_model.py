@@ -8,9 +8,9 @@ from safetensors.torch import load, save
 
 from bot import versions
 from tests.trainer_helpers import seed_rated, tiny_config, token_logps, trainer_config
-from trainer.explore import MAX_SCALE_UP, Sample, rloo_advantages, rloo_examples, sample
+from trainer.explore import Sample, rloo_advantages, rloo_examples, sample
 from trainer.learner import Learner
-from trainer.reward_model import RewardModel, auc, fit_on_votes
+from trainer.reward_model import RewardModel, auc, cross_validated_auc, fit_on_votes, trust
 from trainer.round import run_round
 
 
@@ -38,6 +38,18 @@ def test_fit_learns_a_direction_and_generalises():
     assert abs(float(heavy.predict(x[:1])) - float(1 - target[0])) < abs(float(light.predict(x[:1])) - float(1 - target[0]))
 
 
+def test_trust_follows_the_cross_validated_auc():
+    assert trust(None) == 0.0 and trust(0.45) == 0.0 and trust(0.5) == 0.0
+    assert trust(0.625) == pytest.approx(0.5) and trust(0.9) == 1.0
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(100, 16, generator=g)
+    signal = (x[:, 0] > 0).float()
+    coin = (torch.rand(100, generator=g) < 0.5).float()
+    good = cross_validated_auc(x, signal, torch.ones(100), signal.bool().tolist(), l2=0.01)
+    noise = cross_validated_auc(x, coin, torch.ones(100), coin.bool().tolist(), l2=0.01)
+    assert good > 0.9 and abs(noise - 0.5) < 0.15 and trust(noise) < 0.6
+
+
 def test_state_round_trips_through_safetensors_and_bad_state_is_refused():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(20, 8, generator=g)
@@ -57,8 +69,9 @@ def test_rloo_is_leave_one_out_per_prompt_and_scaled():
     adv = rloo_advantages(rewards, [0, 0, 0, 0, 1, 1, 2])
     raw = torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])     # r_i − mean(others); a lone sample: 0
     assert torch.allclose(adv, raw / raw.std(correction=0), atol=1e-6)
-    tiny = rloo_advantages(torch.tensor([0.01, -0.01]), [0, 0])            # a reward model that can't tell
-    assert torch.allclose(tiny, torch.tensor([0.02, -0.02]) * MAX_SCALE_UP)
+    rare = rloo_advantages(torch.tensor([-0.99, -0.97, -0.99, -0.99]), [0, 0, 0, 0], weight=0.5)
+    assert rare[1] > 0 and float(rare.std(correction=0)) == pytest.approx(0.5)   # small spread, same scale
+    assert torch.equal(rloo_advantages(torch.tensor([0.3, 0.3]), [0, 0]), torch.zeros(2))
     s = [Sample(0, [1, 2], [3], [-0.5], "a"), Sample(0, [1, 2], [4], [-0.7], "b")]
     ex = rloo_examples(s, torch.tensor([0.5, -0.5]), 0.8)
     assert [e.reply_id for e in ex] == [-1, -2] and ex[0].advantage > 0 > ex[1].advantage

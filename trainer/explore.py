@@ -12,9 +12,15 @@ samples are on-policy for the fp32 candidate, so their behaviour logprobs are ex
 their importance weights 1.
 
 Scale: the rewards are 2·P(👍) − 1 in [-1, 1], like a vote. The advantages are divided by
-their std over the round's samples (as GRPO and TRL's ``scale_rewards`` do) but scaled up by
-at most ``MAX_SCALE_UP``: a reward model that cannot tell replies apart (it predicts nearly
-the same for all) then moves the policy little instead of amplifying its noise.
+their std over the round's samples (as GRPO and TRL's ``scale_rewards`` do): for a rare
+taste the reward model's P(👍) is small everywhere, and only the differences matter. Then
+they are multiplied by the reward model's ``trust`` (trainer/reward_model.py: 0 when its
+cross-validated AUC is at chance, 1 from 0.75), so that a model fitted to random votes
+moves the policy little instead of having its noise amplified.
+
+(A first version capped the scale-up at 4× instead of using the trust; for a taste liked in
+3% of replies the reward model's spread was ~0.005 and the cap left the exploration
+advantages at ±0.04: nothing to learn from. docs/LEARNING.md has that run.)
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import torch
 from bot.torch_engine import sample_batch
 from trainer.data import Example
 
-MAX_SCALE_UP = 4.0      # advantages / max(std, 1 / MAX_SCALE_UP)
 CHUNK = 16              # sequences per generate call (bounds the logits kept for logprobs)
 
 
@@ -68,9 +73,9 @@ def sample(model, tokenizer, prompts: Sequence[list[int]], k: int, *, temperatur
     return out
 
 
-def rloo_advantages(rewards: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
-    """Leave-one-out advantages [N]: r_i − mean of the others in i's group, then scaled by
-    1 / max(std, 1 / MAX_SCALE_UP) over all of them. A group of one gets 0."""
+def rloo_advantages(rewards: torch.Tensor, groups: Sequence[int], weight: float = 1.0) -> torch.Tensor:
+    """Leave-one-out advantages [N]: r_i − mean of the others in i's group, divided by their
+    std over all of them, times ``weight``. A group of one gets 0; all equal: all 0."""
     adv = torch.zeros_like(rewards)
     groups_t = torch.tensor(list(groups))
     for g in groups_t.unique():
@@ -81,12 +86,13 @@ def rloo_advantages(rewards: torch.Tensor, groups: Sequence[int]) -> torch.Tenso
         r = rewards[idx]
         adv[idx] = r - (r.sum() - r) / (k - 1)
     std = float(adv.std(correction=0)) if len(adv) > 1 else 0.0
-    return adv / max(std, 1.0 / MAX_SCALE_UP)
+    return adv * (weight / std) if std > 1e-8 else torch.zeros_like(adv)
 
 
-def rloo_examples(samples: Sequence[Sample], rewards: torch.Tensor, temperature: float) -> list[Example]:
-    """Samples with their rewards [N] → training examples with RLOO advantages. The examples
-    get negative reply ids (they are not stored replies)."""
-    adv = rloo_advantages(rewards, [s.group for s in samples])
+def rloo_examples(samples: Sequence[Sample], rewards: torch.Tensor, temperature: float,
+                  weight: float = 1.0) -> list[Example]:
+    """Samples with their rewards [N] → training examples with RLOO advantages (times
+    ``weight``). The examples get negative reply ids (they are not stored replies)."""
+    adv = rloo_advantages(rewards, [s.group for s in samples], weight)
     return [s.as_example(temperature, reply_id=-(i + 1), reward=float(r), advantage=float(a))
             for i, (s, r, a) in enumerate(zip(samples, rewards.tolist(), adv.tolist()))]

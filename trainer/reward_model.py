@@ -175,6 +175,33 @@ def fit_on_votes(cache: FeatureCache, replies: Sequence[ReplyRecord], previous: 
         raise NonFinite("the reward model's features are nan/inf (is the base model broken?)")
     target = torch.tensor([(float(r.reward) + 1.0) / 2.0 for r in rated])
     weight = torch.tensor([float(r.n_voters) for r in rated])
+    liked = [r.reward > 0 for r in rated]
     model = RewardModel.fit(x, target, weight, l2=l2, last_reply_id=max(r.id for r in rated))
-    report["rm_train_auc"] = auc(model.predict(x).tolist(), [r.reward > 0 for r in rated])
+    report["rm_train_auc"] = auc(model.predict(x).tolist(), liked)
+    report["rm_cv_auc"] = cross_validated_auc(x, target, weight, liked, l2)
     return model, report
+
+
+def cross_validated_auc(x: Tensor, target: Tensor, weight: Tensor, liked: Sequence[bool], l2: float,
+                        folds: int = 5) -> float | None:
+    """AUC of out-of-fold predictions (each reply scored by a model fitted without its fold;
+    fold = index mod ``folds``), pooled into one AUC so that a rare taste's few liked replies
+    all count. How much the reward model can be trusted, before it has held-out votes."""
+    n = len(x)
+    if n < folds:
+        return None
+    scores = torch.zeros(n)
+    for f in range(folds):
+        test = torch.arange(n) % folds == f
+        m = RewardModel.fit(x[~test], target[~test], weight[~test], l2=l2)
+        scores[test] = m.predict(x[test])
+    return auc(scores.tolist(), liked)
+
+
+def trust(cv_auc: float | None) -> float:
+    """How far to follow the reward model, from its cross-validated AUC: 0 at AUC ≤ 0.5
+    (it cannot tell liked from disliked: votes at random, or too few), rising linearly to
+    1 at AUC ≥ 0.75."""
+    if cv_auc is None:
+        return 0.0
+    return max(0.0, min(1.0, (cv_auc - 0.5) / 0.25))

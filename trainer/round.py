@@ -50,7 +50,7 @@ from trainer.gates import GateReport, Interrupted
 from trainer.learner import Candidate, Learner, NonFinite, TrainStats
 from trainer.optim_state import read_version_optimizer
 from trainer.publish import prune, publish, reject
-from trainer.reward_model import RewardModel, fit_on_votes
+from trainer.reward_model import RewardModel, fit_on_votes, trust
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,11 @@ def _explored(r: _Round, cand: Candidate, prompts: list[list[int]]) -> list[Exam
     p = r.reward_model.predict(r.learner.features().of([x.as_example(s.temperature) for x in samples]))
     rewards = torch.tensor([-1.0 if t.punish_degenerate and degenerate(x.text, t.max_repetition) else 2 * q - 1
                             for x, q in zip(samples, p.tolist())])
-    log.info("explored %d samples for %d prompts: reward model mean %.3f, min %.3f, max %.3f", len(samples),
-             len(prompts), float(p.mean()), float(p.min()), float(p.max()))
-    return rloo_examples(samples, rewards, s.temperature)
+    weight = trust(r.rm_report.get("rm_cv_auc"))
+    r.rm_report["rm_trust"] = weight
+    log.info("explored %d samples for %d prompts: reward model mean %.3f, min %.3f, max %.3f; trust %.2f",
+             len(samples), len(prompts), float(p.mean()), float(p.min()), float(p.max()), weight)
+    return rloo_examples(samples, rewards, s.temperature, weight)
 
 
 def _saved_reward_model(version) -> RewardModel | None:
