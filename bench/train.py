@@ -110,11 +110,12 @@ async def run(args) -> dict:
         gens, engine = await sample(cfg, args.replies)
         sample_s = time.perf_counter() - t0
         rng = random.Random(args.seed)
-        for g in gens:
+        for i, g in enumerate(gens):
             rid = await store.add_reply("bench", "c", None, g.version, g.text, g.prompt_ids, g.output_ids, g.logprobs,
                                         g.temperature, g.top_p, g.max_new_tokens)
             liked = rng.random() < 0.5
-            await store.set_vote(rid, "u", "\N{THUMBS UP SIGN}" if liked else "\N{THUMBS DOWN SIGN}",
+            # eight people share the votes: trainer.max_user_share (0.2) needs five in a round
+            await store.set_vote(rid, f"u{i % 8}", "\N{THUMBS UP SIGN}" if liked else "\N{THUMBS DOWN SIGN}",
                                  1.0 if liked else -1.0)
         learner = Learner(cfg, tcfg, progress=args.progress)
         t0 = time.perf_counter()
@@ -129,7 +130,8 @@ async def run(args) -> dict:
 
 def summarize(args, cfg, tcfg, gens, result, plain, sample_s, load_s, engine) -> dict:
     n = result.n_replies
-    steps = tcfg.epochs * -(-n // tcfg.minibatch_size) if n else 0
+    trained = n + result.n_explored          # the voted replies and the trainer's own samples
+    steps = tcfg.epochs * -(-trained // tcfg.minibatch_size) if trained else 0
     train_s = result.timings.get("train")
     per_step = train_s / steps if train_s and steps else None
     plain_step = plain["seconds_per_step"]["p50"]
@@ -139,7 +141,8 @@ def summarize(args, cfg, tcfg, gens, result, plain, sample_s, load_s, engine) ->
         "settings": {**common.settings(cfg), "engine_in_use": engine, "trainer": asdict(tcfg)},
         "replies_sampled": len(gens), "sampling_s": common.rnd(sample_s, 2), "trainer_load_s": common.rnd(load_s, 2),
         "reply_tokens": common.stats(out_lens, 2),
-        "round": {"status": result.status, "summary": result.summary(), "replies": n, "seconds": common.rnd(result.seconds, 2),
+        "round": {"status": result.status, "summary": result.summary(), "replies": n,
+                  "explored_samples": result.n_explored, "seconds": common.rnd(result.seconds, 2),
                   "phases": {k: common.rnd(v, 2) for k, v in result.timings.items()}, "optimizer_steps": steps,
                   "seconds_per_step": common.rnd(per_step, 3), "loss": result.loss, "kl": result.kl,
                   "rated_replies_per_s": common.rnd(n / result.seconds, 3) if result.seconds else None,

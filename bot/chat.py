@@ -305,6 +305,10 @@ class ChatCore:
                 n, rate = ratings.get(v, (0, None))
                 lines.append(f"Like-rate of {label} v{v}: " + (f"{rate:.0%} of {n} rated" if n else "no votes yet"))
         lines.append(f"Rated replies waiting for the next round: {waiting}")
+        rounds = await s.rounds()
+        if rounds:
+            last = rounds[-1]
+            lines.append(f"Last round: {last['status']}" + (f" ({last['reason']})" if last["reason"] else ""))
         lines.append(f"Trainer heartbeat: {age}")
         lines.append("Versions (newest first):")
         for v in versions[::-1][:n_versions]:

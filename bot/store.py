@@ -340,6 +340,20 @@ class Store:
         return await self._write("DELETE FROM votes WHERE reply_id = ? AND user_id = ? AND emoji = ?",
                                  (reply_id, user_id, emoji)) > 0
 
+    async def user_votes(self, reply_ids: Iterable[int]) -> dict[int, list[tuple[str, float]]]:
+        """reply id → [(user, vote)]: each user's emoji values on the reply summed and clipped to
+        [-1, 1], as REWARD_SQL counts them (the reward is the mean of these)."""
+        ids, out = list(reply_ids), {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = await self._all(
+                "SELECT reply_id, user_id, MAX(-1.0, MIN(1.0, SUM(value))) AS vote FROM votes"
+                f" WHERE reply_id IN ({','.join('?' * len(chunk))}) GROUP BY reply_id, user_id ORDER BY reply_id, user_id",
+                chunk)
+            for r in rows:
+                out.setdefault(r["reply_id"], []).append((r["user_id"], float(r["vote"])))
+        return out
+
     async def votes_for(self, reply_id: int) -> list[tuple[str, str, float]]:
         rows = await self._all("SELECT user_id, emoji, value FROM votes WHERE reply_id = ? ORDER BY user_id, emoji",
                                (reply_id,))

@@ -112,7 +112,9 @@ def test_train(tiny_toml, tmp_path):
     d = run_bench("train", tiny_toml, tmp_path, "--replies", "8", "--baseline-steps", "2")
     r = d["round"]
     assert d["replies_sampled"] == 8 and r["replies"] == 8
-    assert r["status"] in ("published", "rejected") and r["optimizer_steps"] == 2   # 1 epoch × 8 / 4
+    # the 8 voted replies and 4 samples for each of their 8 prompts: 1 epoch × 40 / 4 steps
+    assert r["explored_samples"] == 32
+    assert r["status"] in ("published", "rejected") and r["optimizer_steps"] == 10
     assert r["rated_replies_per_s"] > 0 and d["plain"]["steps"] == 2 and d["plain"]["train_replies_per_s"] > 0
 
 

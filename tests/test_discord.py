@@ -666,7 +666,8 @@ async def _notified(store: Store, rid: int) -> bool:
 TRAINER = {"epochs": 4, "minibatch_size": 8, "lr": 5e-3, "lora_rank": 4, "lora_alpha": 8,
            "probe_max_new_tokens": 8, "max_kl": 50.0, "max_repetition": 1.0, "max_empty_share": 1.0,
            "max_spam_share": 1.0, "punish_degenerate": False,
-           "settle_seconds": 0.0, "heartbeat_seconds": 0.2, "interval_seconds": 0.5, "min_new_ratings": 2}
+           "settle_seconds": 0.0, "heartbeat_seconds": 0.2, "interval_seconds": 0.5, "min_new_ratings": 2,
+           "max_user_share": 1.0}      # two people vote in this guild; the cap itself: tests/test_influence.py
 
 
 async def test_retrain_end_to_end(start_bot):

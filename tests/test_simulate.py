@@ -20,7 +20,7 @@ from trainer import simulate
 def sim_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sim")
     model = build_tiny_model(tmp / "tiny")
-    argv = ["--rounds", "2", "--replies", "6", "--voters", "2", "--flip", "0.1", "--taste", "regex:e",
+    argv = ["--rounds", "2", "--replies", "6", "--voters", "5", "--flip", "0.1", "--taste", "regex:e",
             "--model", str(model), "--data-dir", str(tmp / "data"), "--out", str(tmp / "out"),
             "--max-new-tokens", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "4", "--lora-alpha", "8",
             "--probe-max-new-tokens", "6", "--max-kl", "50", "--max-repetition", "1.0", "--max-empty-share", "1.0",
@@ -40,7 +40,7 @@ def test_json_has_two_rounds_with_fields(sim_run):
             assert key in row, key
         assert 0.0 <= row["like_rate"] <= 1.0
         assert -1.0 <= row["mean_reward"] <= 1.0
-        assert row["n_replies"] == 6 and row["n_votes"] == 12
+        assert row["n_replies"] == 6 and row["n_votes"] == 30
         # a round whose replies all got the same reward is skipped: nothing to learn from
         assert row["train"]["status"] in ("published", "rejected", "skipped")
     assert {row["train"]["status"] for row in saved["rounds"]} - {"skipped"}, "no round trained"
@@ -75,14 +75,14 @@ def test_store_holds_replies_and_votes(sim_run):
         store = await Store.open(tmp / "data" / "reactlearn.sqlite3")
         try:
             counts = await store.counts()
-            # 2 unvoted base-eval replies, 2 rounds of 6, the final evaluation of 6 + 2; 2 voters per reply
-            assert counts["replies"] == 22 and counts["rated"] == 20 and counts["votes"] == 40
+            # 2 unvoted base-eval replies, 2 rounds of 6, the final evaluation of 6 + 2; 5 voters per reply
+            assert counts["replies"] == 22 and counts["rated"] == 20 and counts["votes"] == 100
             assert counts["messages"] == 22
             reply = await store.get_reply(1)
             assert reply.platform == "sim" and reply.output_ids and len(reply.logprobs) == len(reply.output_ids)
             assert await store.votes_for(1) == []            # reply 1 is a base-eval reply: not voted on
             voters = {u for u, _, _ in await store.votes_for(3)}
-            assert voters == {"sim-voter-0", "sim-voter-1"}
+            assert voters == {f"sim-voter-{k}" for k in range(5)}
             assert len(await store.rounds()) == 2
         finally:
             await store.close()
@@ -143,6 +143,7 @@ def test_coin_taste_is_random_but_stable():
 def test_sparse_late_votes_and_a_taste_change(tmp_path):
     model = build_tiny_model(tmp_path / "tiny")
     argv = ["--rounds", "3", "--replies", "6", "--vote-rate", "0.7", "--crowd", "3", "--late", "0.5",
+            "--max-user-share", "1",
             "--taste", "regex:e", "--taste-after", "3:regex:a", "--model", str(model),
             "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--max-new-tokens", "6",
             "--epochs", "1", "--lora-rank", "4", "--lora-alpha", "8", "--probe-max-new-tokens", "4",

@@ -28,6 +28,10 @@ class TrainerConfig:
                                     "(people react late). Retrain requests ignore it and use every rated reply.")
     window: int = setting(256, "Most rated replies one round learns from (the newest ones; earlier rounds' replies "
                           "may be reused, importance ratios and clipping keep that safe).")
+    max_user_share: float = setting(0.2, "No one steers a round alone: one person's votes carry at most this share "
+                                    "of a round's vote weight (and of the reward model's), so a round needs at "
+                                    "least 1 / share distinct voters (5 for 0.2) or is skipped. The console "
+                                    "playground is exempt. 1 turns the cap off.")
     # -- the update -------------------------------------------------------------
     baseline: str = setting("mean", 'Advantage = reward - baseline: "mean" (batch mean), "mean_std" (also divide '
                             'by the std, GRPO-style) or "none".')
@@ -112,6 +116,8 @@ class TrainerConfig:
                                                             "against a mean baseline).")
         check(self.settle_seconds >= 0, "settle_seconds", "must be >= 0 seconds.")
         check(self.window >= 2, "window", "must be at least 2.")
+        check(0 < self.max_user_share <= 1, "max_user_share", "must be in (0, 1]; 0.2 means at least five people "
+                                                              "shape a round, 1 turns the cap off.")
         check(self.baseline in BASELINES, "baseline", f"use one of {list(BASELINES)}.")
         check(0 < self.lr <= 1e-2, "lr", "must be in (0, 0.01]; 1e-4 to 5e-4 suits LoRA.")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0.")

@@ -46,6 +46,7 @@ class Example:
     reward: float
     advantage: float = 0.0
     degenerate: str = ""      # why the reply was judged degenerate ('' when it was not)
+    weight: float = 1.0       # its voters' capped share (trainer/influence.py); scales the advantage
 
 
 @dataclass
@@ -84,7 +85,7 @@ def usable(r: ReplyRecord) -> str:
 
 
 def make_examples(replies: Sequence[ReplyRecord], baseline: str = "mean", *, punish_degenerate: bool = False,
-                  max_repetition: float = 0.5) -> list[Example]:
+                  max_repetition: float = 0.5, weights: dict | None = None) -> list[Example]:
     """Usable replies → examples with advantages computed over all of them together.
 
     The baseline is taken over the whole round (not per minibatch), so a minibatch of
@@ -94,18 +95,31 @@ def make_examples(replies: Sequence[ReplyRecord], baseline: str = "mean", *, pun
     With ``punish_degenerate`` a reply that is emoji/symbol spam or a word loop
     (trainer/fluency.py) counts as disliked (reward DEGENERATE_REWARD) whatever its votes:
     people who like enthusiasm may like "Bella! 🌾🌼🌍🌪🌪…" too, and learning from that
-    vote teaches the model to spam."""
-    kept = [r for r in replies if not usable(r)]
+    vote teaches the model to spam.
+
+    ``weights``: reply id → ``trainer.influence.Weighted`` (the capped reward and weight);
+    each advantage is then taken against the weighted mean and multiplied by its weight."""
+    kept = [r for r in replies if not usable(r) and (weights is None or r.id in weights)]
     if not kept:
         return []
     why = [degenerate(r.text, max_repetition) if punish_degenerate else "" for r in kept]
-    rewards = torch.tensor([DEGENERATE_REWARD if w else float(r.reward) for r, w in zip(kept, why)],
+    reward_of = (lambda r: float(r.reward)) if weights is None else (lambda r: weights[r.id].reward)  # noqa: E731
+    w = torch.tensor([1.0 if weights is None else weights[r.id].weight for r in kept])            # [N]
+    rewards = torch.tensor([DEGENERATE_REWARD if y else reward_of(r) for r, y in zip(kept, why)],
                            dtype=torch.float32)                                     # [N]
-    adv = compute_advantages(rewards, baseline)                                     # [N]
+    if weights is None:
+        adv = compute_advantages(rewards, baseline)                                 # [N]
+    else:   # the same baselines, with each reply counted by its weight
+        centred = rewards - (w * rewards).sum() / w.sum()
+        adv = {"none": rewards, "mean": centred}.get(baseline)
+        if adv is None:
+            std = ((w * centred ** 2).sum() / w.sum()).sqrt()
+            adv = centred / (std + 1e-6)
+        adv = adv * w
     return [Example(reply_id=r.id, prompt_ids=list(r.prompt_ids), output_ids=list(r.output_ids),
                     behaviour_logp=list(r.logprobs), temperature=float(r.temperature), reward=float(rw),
-                    advantage=float(a), degenerate=w)
-            for r, rw, a, w in zip(kept, rewards.tolist(), adv.tolist(), why)]
+                    advantage=float(a), degenerate=y, weight=float(wi))
+            for r, rw, a, y, wi in zip(kept, rewards.tolist(), adv.tolist(), why, w.tolist())]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

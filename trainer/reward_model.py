@@ -149,14 +149,19 @@ def as_example(r: ReplyRecord) -> Example:
 
 
 def fit_on_votes(cache: FeatureCache, replies: Sequence[ReplyRecord], previous: RewardModel | None,
-                 l2: float) -> tuple[RewardModel | None, dict]:
+                 l2: float, weights: dict | None = None) -> tuple[RewardModel | None, dict]:
     """Fit a reward model on every rated reply in ``replies`` (target: the share of 👍 its
-    reward means; weight: its number of voters). Before that, the ``previous`` model is
+    reward means; weight: its number of voters). ``weights``: reply id →
+    ``trainer.influence.Weighted``, the per-user capped reward and weight to use instead
+    (the weight then counts effective voters). Before that, the ``previous`` model is
     tested on the replies it never saw (ids after its ``last_reply_id``): that held-out
     AUC and accuracy are the honest measure of how well it predicts votes.
 
     Returns (the model, or None when the votes are all liked or all disliked; a report)."""
-    rated = [r for r in replies if not usable(r)]
+    from trainer.influence import Weighted
+
+    rated = [r for r in replies if not usable(r) and (weights is None or r.id in weights)]
+    w = weights or {r.id: Weighted(float(r.reward), 1.0) for r in rated}
     report: dict = {"rm_replies": len(rated), "rm_votes": sum(r.n_voters for r in rated)}
     if previous is not None:
         new = [r for r in rated if r.id > previous.last_reply_id and r.reward != 0]
@@ -165,7 +170,8 @@ def fit_on_votes(cache: FeatureCache, replies: Sequence[ReplyRecord], previous: 
             liked = [r.reward > 0 for r in new]
             report.update(rm_heldout=len(new), rm_heldout_auc=auc(p, liked),
                           rm_heldout_accuracy=sum((q > 0.5) == y for q, y in zip(p, liked)) / len(new))
-    if not rated or len({r.reward > 0 for r in rated}) < 2:
+    liked = [w[r.id].reward > 0 for r in rated]
+    if len(set(liked)) < 2:
         report["rm_skipped"] = "the votes so far are all liked or all disliked"
         return None, report
     x = cache.of([as_example(r) for r in rated])
@@ -173,9 +179,8 @@ def fit_on_votes(cache: FeatureCache, replies: Sequence[ReplyRecord], previous: 
         from trainer.learner import NonFinite
 
         raise NonFinite("the reward model's features are nan/inf (is the base model broken?)")
-    target = torch.tensor([(float(r.reward) + 1.0) / 2.0 for r in rated])
-    weight = torch.tensor([float(r.n_voters) for r in rated])
-    liked = [r.reward > 0 for r in rated]
+    target = torch.tensor([(w[r.id].reward + 1.0) / 2.0 for r in rated])
+    weight = torch.tensor([r.n_voters * w[r.id].weight for r in rated])     # effective voters
     model = RewardModel.fit(x, target, weight, l2=l2, last_reply_id=max(r.id for r in rated))
     report["rm_train_auc"] = auc(model.predict(x).tolist(), liked)
     report["rm_cv_auc"] = cross_validated_auc(x, target, weight, liked, l2)

@@ -46,6 +46,7 @@ from bot import versions
 from trainer.data import Example, make_examples
 from trainer.explore import rloo_examples, sample
 from trainer.fluency import degenerate
+from trainer.influence import distinct_voters, min_voters, weigh
 from trainer.gates import GateReport, Interrupted
 from trainer.learner import Candidate, Learner, NonFinite, TrainStats
 from trainer.optim_state import read_version_optimizer
@@ -177,8 +178,16 @@ async def _data(r: _Round, *, all_rated: bool) -> RoundResult | None:
     t = r.tcfg
     settled_before = time.time() if all_rated else time.time() - t.settle_seconds
     replies = await r.store.rated_replies(settled_before, limit=t.window)
+    votes = await r.store.user_votes([x.id for x in replies])
+    voters, need = distinct_voters(replies, votes), min_voters(t.max_user_share)
+    if voters is not None and voters < need:
+        return RoundResult("skipped", n_replies=len(replies),
+                           reason=f"{voters} distinct voters on {len(replies)} settled rated replies; with "
+                                  f"trainer.max_user_share = {t.max_user_share:g} a round needs at least {need}, "
+                                  "so that no one steers it alone")
     r.examples = examples = make_examples(replies, t.baseline, punish_degenerate=t.punish_degenerate,
-                                          max_repetition=t.max_repetition)
+                                          max_repetition=t.max_repetition,
+                                          weights=weigh(replies, votes, t.max_user_share))
     n = len(examples)
     if n < 2:
         return RoundResult("skipped", n_replies=n, reason=f"{n} settled rated replies; need at least 2")
@@ -219,10 +228,11 @@ async def _explore(r: _Round, cand: Candidate) -> RoundResult | None:
     t = r.tcfg
     if t.reward_model:
         replies = await r.store.rated_replies(time.time(), limit=t.reward_model_window)
+        weights = weigh(replies, await r.store.user_votes([x.id for x in replies]), t.max_user_share)
         previous = r.learner.reward_model or await asyncio.to_thread(_saved_reward_model, await
                                                                      r.store.get_version(r.parent))
         r.reward_model, r.rm_report = await asyncio.to_thread(fit_on_votes, r.learner.features(), replies, previous,
-                                                              t.reward_model_l2)
+                                                              t.reward_model_l2, weights)
         log.info("reward model: %s", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in r.rm_report.items()))
         if r.reward_model is not None:

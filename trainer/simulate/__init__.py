@@ -1,6 +1,6 @@
 """Simulated people with a hidden taste: the end-to-end proof that the bot learns.
 
-    python -m trainer.simulate [--taste short] [--rounds 10] [--replies 32] [--voters 3] [--flip 0.1]
+    python -m trainer.simulate [--taste short] [--rounds 10] [--replies 32] [--voters 5] [--flip 0.1]
                                [--vote-rate 0.5 --crowd 20 --dissent 0.1 --late 0.2] [--taste-after 6:TASTE]
                                [--lr 2e-4 --kl-coef 0.05 --epochs 2 ...] [--out sim_out]
 

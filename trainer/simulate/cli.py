@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10, help="training rounds (default 10)")
     ap.add_argument("--replies", type=int, default=32, help="replies per round, generated as one batch (default 32)")
-    ap.add_argument("--voters", type=int, default=3, help="simulated users voting on each reply (default 3)")
+    ap.add_argument("--voters", type=int, default=5,
+                    help="simulated users voting on each reply (default 5: trainer.max_user_share 0.2 needs five "
+                         "people in a round)")
     ap.add_argument("--flip", type=float, default=0.1, help="probability that a vote is flipped (default 0.1)")
     ap.add_argument("--vote-rate", type=float,
                     help="sparse votes: each reply gets one vote with this probability, from one person of the "
