@@ -44,6 +44,40 @@ MAX_LOADED_VERSIONS = 3   # active + previous + one being swapped in
 GATHER_SECONDS = 0.005    # a lane waits this long for requests arriving together before it starts
 
 
+ZERO_WIDTH = "\u200b"
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The texts the tokenizer turns into control tokens (``<|im_start|>``, ``<|endoftext|>``, ...),
+    longest first."""
+    found = set(tokenizer.all_special_tokens)
+    found |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def defang(text: str, specials: list[str]) -> str:
+    """``text`` with every control-token string broken by a zero-width space after its first
+    character: it reads the same, and encodes as plain text instead of a control token."""
+    for s in specials:
+        if s in text:
+            text = text.replace(s, s[0] + ZERO_WIDTH + s[1:])
+    return text
+
+
+def render_turns(tokenizer, system_prompt: str, turns: list[Turn]) -> list[int]:
+    """Prompt ids for ``turns``: the chat template over exactly the turns the bot built.
+    What people wrote (text and display names) can never become a control token, so nobody
+    can open a system turn or end theirs by typing ``<|im_start|>system``."""
+    specials = special_strings(tokenizer)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for t in turns:
+        text = defang(t.text, specials)
+        content = f"{defang(t.name, specials)}: {text}" if t.name and t.role == "user" else text
+        messages.append({"role": t.role, "content": content})
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
 @dataclass
 class _Job:
     prompt_ids: list[int]
@@ -114,11 +148,7 @@ class Policy:
     # -- prompts --------------------------------------------------------------
 
     def _render(self, turns: list[Turn]) -> list[int]:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages += [{"role": t.role, "content": f"{t.name}: {t.text}" if t.name and t.role == "user" else t.text}
-                     for t in turns]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_turns(self.tokenizer, self.system_prompt, turns)
 
     def build_prompt(self, turns: list[Turn]) -> list[int]:
         """Token ids of the prompt: the newest turns that fit in the budget.
