@@ -112,9 +112,10 @@ def test_train(tiny_toml, tmp_path):
     d = run_bench("train", tiny_toml, tmp_path, "--replies", "8", "--baseline-steps", "2")
     r = d["round"]
     assert d["replies_sampled"] == 8 and r["replies"] == 8
-    # the 8 voted replies and 4 samples for each of their 8 prompts: 1 epoch × 40 / 4 steps
-    assert r["explored_samples"] == 32
-    assert r["status"] in ("published", "rejected") and r["optimizer_steps"] == 10
+    # the 8 voted replies, and 4 samples for each of their 8 prompts when the reward model fitted
+    # on these random votes is trusted at all: 1 epoch × (8 + samples) / 4 steps
+    assert r["explored_samples"] in (0, 32)
+    assert r["status"] in ("published", "rejected") and r["optimizer_steps"] == (8 + r["explored_samples"]) // 4
     assert r["rated_replies_per_s"] > 0 and d["plain"]["steps"] == 2 and d["plain"]["train_replies_per_s"] > 0
 
 

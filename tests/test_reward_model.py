@@ -136,3 +136,22 @@ async def test_a_round_explores_and_publishes_its_reward_model(tmp_path, tiny_mo
         await store2.set_vote(rid, "u1", "\N{THUMBS DOWN SIGN}", -1.0)
     skipped = await run_round(store2, cfg2, trainer_config(cfg2), learner, use_all=True)
     assert skipped.status == "skipped" and "no reward model could be fitted" in skipped.reason
+
+
+async def test_an_untrusted_reward_model_explores_nothing(tmp_path, tiny_model_dir, store_for):
+    """Votes that no reply's content explains (the same reply liked and disliked): the reward
+    model's cross-validated AUC is at chance, its trust 0, and no samples are drawn."""
+    from tests.trainer_helpers import add_rated, prompt_ids
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1})
+    tcfg = trainer_config(cfg)
+    store = await store_for(cfg)
+    learner = Learner(cfg, tcfg)
+    learner.load()
+    tok = learner.tokenizer
+    p, out = prompt_ids(tok, "hello"), tok.encode(" same reply", add_special_tokens=False)
+    for i in range(10):
+        await add_rated(store, p, out, token_logps(learner.base, p, out), 1.0 if i % 2 else -1.0)
+    result = await run_round(store, cfg, tcfg, learner, use_all=True)
+    assert result.reward_model["rm_cv_auc"] == 0.5 and result.reward_model["rm_trust"] == 0.0
+    assert result.n_explored == 0 and result.status in ("published", "rejected", "skipped")

@@ -235,10 +235,15 @@ async def _explore(r: _Round, cand: Candidate) -> RoundResult | None:
                                                               t.reward_model_l2, weights)
         log.info("reward model: %s", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in r.rm_report.items()))
+        r.rm_report["rm_trust"] = weight = trust(r.rm_report.get("rm_cv_auc"))
         if r.reward_model is not None:
             r.learner.reward_model = r.reward_model
+        if r.reward_model is not None and weight > 0:
             prompts = await r.store.recent_prompts(t.explore_prompts)
-            r.explored = await asyncio.to_thread(_explored, r, cand, prompts)
+            r.explored = await asyncio.to_thread(_explored, r, cand, prompts, weight)
+        elif r.reward_model is not None:    # its samples would get zero advantages: save the time
+            log.info("reward model: not trusted yet (cross-validated AUC %s), no exploration this round",
+                     r.rm_report.get("rm_cv_auc"))
     r.lap("explore")
     if max(abs(e.advantage) for e in r.examples + r.explored) < 1e-6:
         n = len(r.examples)
@@ -249,9 +254,10 @@ async def _explore(r: _Round, cand: Candidate) -> RoundResult | None:
     return None
 
 
-def _explored(r: _Round, cand: Candidate, prompts: list[list[int]]) -> list[Example]:
+def _explored(r: _Round, cand: Candidate, prompts: list[list[int]], weight: float) -> list[Example]:
     """The candidate's samples for ``prompts``, rewarded by the reward model (a degenerate
-    one counts as disliked, like a voted one) → RLOO examples (blocking)."""
+    one counts as disliked, like a voted one) → RLOO examples with the model's trust
+    ``weight`` (blocking)."""
     s, t, tok = r.cfg.sampling, r.tcfg, r.learner.tokenizer
     samples = sample(cand.model, tok, prompts, t.explore_samples, temperature=s.temperature, top_p=s.top_p,
                      max_new_tokens=s.max_new_tokens, seed=r.seed)
@@ -261,8 +267,6 @@ def _explored(r: _Round, cand: Candidate, prompts: list[list[int]]) -> list[Exam
     p = r.reward_model.predict(r.learner.features().of([x.as_example(s.temperature) for x in samples]))
     rewards = torch.tensor([-1.0 if t.punish_degenerate and degenerate(x.text, t.max_repetition) else 2 * q - 1
                             for x, q in zip(samples, p.tolist())])
-    weight = trust(r.rm_report.get("rm_cv_auc"))
-    r.rm_report["rm_trust"] = weight
     log.info("explored %d samples for %d prompts: reward model mean %.3f, min %.3f, max %.3f; trust %.2f",
              len(samples), len(prompts), float(p.mean()), float(p.min()), float(p.max()), weight)
     return rloo_examples(samples, rewards, s.temperature, weight)
