@@ -4,6 +4,7 @@
     python -m bot --config my.toml      Discord and/or Slack, as `platforms` says
     python -m bot --check-config        validate the config and exit
     python -m bot --with-trainer        also start `python -m trainer` beside the bot
+    python -m bot backup PATH           copy the database to PATH, consistently, while the bot runs
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML config file (default: $REACTLEARN_CONFIG, else built-in defaults)")
     p.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
     p.add_argument("--with-trainer", action="store_true", help="start the trainer process beside the bot")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", help="leave out to run the bot")
+    b = commands.add_parser("backup", help="copy the database to PATH while the bot runs",
+                            description="Copy the database (data_dir/reactlearn.sqlite3) to PATH with SQLite's "
+                                        "online backup: consistent while the bot and trainer write, atomic.")
+    b.add_argument("path", type=Path, metavar="PATH", help="the file to write (replaced atomically if it exists)")
+    b.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="as above; may come after backup")
     return p.parse_args(argv)
 
 
@@ -52,7 +59,7 @@ async def serve(cfg: Config) -> None:
     from bot.store import Store
 
     hf_logging.disable_progress_bar()
-    store = await Store.open(cfg.db_path)
+    store = await Store.open(cfg.db_path, synchronous=cfg.storage.synchronous)
     try:
         log.info("store %s ready; loading model %s", cfg.db_path, cfg.model.name)
         policy = await asyncio.to_thread(Policy.from_config, cfg)
@@ -98,12 +105,25 @@ async def run_platforms(cfg: Config, core) -> None:
                 log.exception("closing %s failed", type(adapter).__name__)
 
 
+def backup(cfg: Config, dest: Path) -> int:
+    """`python -m bot backup PATH`: one line on stdout (what was written) or on stderr (why not)."""
+    from bot.backup import cli
+
+    code, line = cli(cfg.db_path, dest)
+    if code:
+        return process.fail(line, code)
+    print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         return process.fail(f"config error: {e}")
+    if args.command == "backup":
+        return backup(cfg, args.path)
     if args.check_config:
         print(summary(cfg))
         return 0

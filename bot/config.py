@@ -21,6 +21,7 @@ from typing import Any
 
 CONFIG_ENV = "REACTLEARN_CONFIG"
 PLATFORMS = ("discord", "slack")
+SYNCHRONOUS = ("NORMAL", "FULL")     # storage.synchronous; bot/store.py applies it as PRAGMA synchronous
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,13 @@ class SlackConfig:
 
 
 @dataclass
+class StorageConfig:
+    synchronous: str = setting("NORMAL", 'SQLite PRAGMA synchronous for the bot\'s database: "NORMAL" (fast; after a '
+                               'power loss or OS crash the last moments of votes may be lost, never corrupted) or '
+                               '"FULL" (every committed vote survives power loss; each write waits for the disk).')
+
+
+@dataclass
 class Config:
     data_dir: str = setting("./data", "Folder holding the SQLite database and published model versions.")
     platforms: list | None = setting(None, 'Chat platforms to serve: [] for the console playground, or any of '
@@ -115,6 +123,7 @@ class Config:
     chat: ChatConfig = setting(None, "When and how the bot replies.")
     discord: DiscordConfig = setting(None, "Discord settings (token: DISCORD_TOKEN env).")
     slack: SlackConfig = setting(None, "Slack settings (tokens: SLACK_BOT_TOKEN, SLACK_APP_TOKEN env).")
+    storage: StorageConfig = setting(None, "How the SQLite database is written.")
     trainer: dict = setting({}, "The trainer's section; validated by `python -m trainer --check-config`.")
     # Secrets: environment only, never from the file.
     discord_token: Secret = field(default=Secret(""), metadata={"env": "DISCORD_TOKEN"})
@@ -205,6 +214,9 @@ def validate(cfg: Config) -> Config:
            "slack.command", 'must be a slash command like "/reactlearn", as in the app manifest.')
     _check(20 <= cfg.slack.message_chars <= 40000, "slack.message_chars", "must be between 20 and 40000.")
     _check(cfg.slack.api_url.startswith(("https://", "http://")), "slack.api_url", 'must be a URL like "https://slack.com/api/".')
+    raw_sync, cfg.storage.synchronous = cfg.storage.synchronous, cfg.storage.synchronous.upper()
+    _check(cfg.storage.synchronous in SYNCHRONOUS, "storage.synchronous",
+           f'use "NORMAL" (the default) or "FULL" (every committed vote survives power loss), got {raw_sync!r}.')
     _check(cfg.chat.max_message_chars >= 1, "chat.max_message_chars", "must be at least 1.")
     for emoji, value in cfg.rewards.emoji.items():
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and -1 <= value <= 1,

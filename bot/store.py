@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 import aiosqlite
 
+from bot.config import SYNCHRONOUS
+
 MIGRATIONS: list[str] = [
     # 1: the chat log, the recorded generations, votes, train requests, model versions
     """
@@ -174,7 +176,12 @@ class Store:
         self._writing = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path | str, *, busy_timeout_ms: int = 10_000) -> "Store":
+    async def open(cls, path: Path | str, *, busy_timeout_ms: int = 10_000, synchronous: str = "NORMAL") -> "Store":
+        """``synchronous`` is PRAGMA synchronous for this connection (``storage.synchronous``):
+        "NORMAL" (in WAL mode a commit can be lost on power loss, never corrupted) or "FULL"
+        (each commit is on the disk before it returns)."""
+        if synchronous.upper() not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
@@ -184,7 +191,7 @@ class Store:
             await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             await store.migrate()
         except BaseException:
             await db.close()

@@ -103,7 +103,7 @@ class Trainer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.store = store = await Store.open(self.cfg.db_path)
+        self.store = store = await Store.open(self.cfg.db_path, synchronous=self.cfg.storage.synchronous)
         beat = asyncio.create_task(self._heartbeat())
         try:
             await clean_stale(store, self.cfg.versions_dir)
