@@ -518,6 +518,55 @@ async def test_reactions_become_votes(start_bot):
     assert await bot.count("votes") == 3
 
 
+async def test_malformed_and_odd_payloads_are_skipped(start_bot, caplog):
+    """Gateway payloads discord.py cannot parse are logged and dropped (the connection stays up);
+    odd but valid values reach the adapter's handlers and change nothing; the bot keeps serving."""
+    bot = await start_bot()
+    fake = bot.fake
+    _, reply = await bot.ask(BOT_CHAT_ID, BOB_ID, "first")
+    rid = await bot.reply_id(reply)
+    await bot.seeded(reply)
+    identified = fake.identify_count
+    chat = str(BOT_CHAT_ID)
+
+    def raw_reaction(emoji, **extra) -> dict:
+        return {"user_id": str(ALICE_ID), "channel_id": chat, "guild_id": "1", "message_id": reply["id"],
+                "emoji": emoji, "burst": False, "type": 0, **extra}
+
+    # a message without author (discord.py builds a Message lacking .author), and what discord.py's
+    # own parsers raise on: an emoji that is not an object, a member without its user
+    await fake.dispatch("MESSAGE_CREATE", {"id": "90001", "channel_id": chat, "guild_id": "1", "content": "x",
+                                           "type": 0})
+    await fake.dispatch("MESSAGE_REACTION_ADD", raw_reaction(None))
+    await fake.dispatch("MESSAGE_REACTION_ADD", raw_reaction({"id": None, "name": UP}, member={"roles": []}))
+    # odd values the adapter's handlers get: an empty message, a bare mention replying to a message
+    # that does not exist (answered), emoji without a name (a custom one too)
+    await fake.user_message(GENERAL_ID, BOB_ID, "")
+    await fake.user_message(GENERAL_ID, BOB_ID, "", mentions_bot=True, reply_to=999999)
+    await bot.reply_id(await fake.wait_bot_message(GENERAL_ID, timeout=20))
+    mark = len(_outcomes)
+    for emoji in ({"id": None, "name": None}, {"id": "5", "name": None}, {"id": None, "name": ""}):
+        await fake.dispatch("MESSAGE_REACTION_ADD", raw_reaction(emoji))
+    await eventually(lambda: _at_least(len(_outcomes) - mark, 3))
+    assert [o for _, o in _outcomes[mark:]] == ["ignored: not a voting emoji"] * 3
+
+    # still serving, on the same connection
+    msg, second = await bot.ask(BOT_CHAT_ID, ALICE_ID, "still there?")
+    assert second["message_reference"]["message_id"] == msg["id"]
+    await bot.reply_id(second)
+    assert fake.identify_count == identified and bot.adapter.client.is_ready()
+    assert await bot.store.votes_for(rid) == [] and await bot.count("votes") == 0
+    assert await bot.count("messages", "platform_message_id = ?", "90001") == 0
+    skipped = sorted(r.getMessage() for r in caplog.records if "skipped a malformed" in r.getMessage())
+    assert skipped[:2] == ["discord: skipped a malformed MESSAGE_REACTION_ADD event"] * 2     # discord.py's parser
+    assert skipped[2].startswith("discord: skipped a malformed message 90001: ") and len(skipped) == 3  # no author
+    assert not [r for r in caplog.records if r.getMessage().startswith("Ignoring exception")]   # no handler raised
+
+
+async def _at_least(n: int, k: int) -> bool:
+    return n >= k
+
+
 async def test_reaction_on_uncached_reply_counts(start_bot, fake):
     """Votes arrive long after the reply: a fresh client (empty message cache) still counts them."""
     bot = await start_bot()

@@ -360,6 +360,112 @@ async def _eq(rows_coro, expected) -> bool:
     return (await rows_coro) == expected
 
 
+# -- Slack's retries and odd payloads ------------------------------------------
+
+
+async def test_retried_events_are_handled_once(tmp_path, tiny_model_dir, caplog):
+    """Slack delivers an event again (same event_id, retry_attempt 1, "timeout") when its ack did
+    not arrive in time: a repeat is acknowledged and skipped."""
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        ts, reply, reply_id = await ask(bot, "C1", "U1", "hello twice", mention_bot=True)
+        await fake.wait_bot_reaction("C1", reply["ts"], "-1")
+        firsts = fake.envelopes_for(lambda e: e.get("ts") == ts)        # the app_mention and the message
+        assert len(firsts) == 2
+        for env in firsts:
+            again = await fake.redeliver(env)
+            assert again.payload["event_id"] == env.payload["event_id"] and again.envelope_id != env.envelope_id
+            assert (again.retry_attempt, again.retry_reason) == (1, "timeout")
+        await settle(fake)
+        assert len(bot_messages_in_thread(fake, "C1", ts)) == 1
+        counts = await bot.store.counts()
+        assert (counts["messages"], counts["replies"]) == (1, 1)
+        assert await bot.rows("SELECT platform_message_id FROM messages") == [(f"C1:{ts}",)]
+
+        # a vote delivered twice is one vote; a retry that arrives after the removal does not bring it back
+        add = await fake.react("C1", reply["ts"], "U2", "+1")
+        assert await until(lambda: bot.store.votes_for(reply_id), what="vote") == [("U2", THUMBS_UP, 1.0)]
+        await fake.redeliver(add)
+        await settle(fake)
+        assert await bot.store.votes_for(reply_id) == [("U2", THUMBS_UP, 1.0)]
+        assert await bot.rows("SELECT COUNT(*) FROM votes") == [(1,)]
+        await fake.react("C1", reply["ts"], "U2", "+1", add=False)
+        await until(lambda: _eq(bot.store.votes_for(reply_id), []), what="vote removed")
+        await fake.redeliver(add, retry_attempt=2)
+        await settle(fake)
+        assert await bot.store.votes_for(reply_id) == []
+        skipped = [r.getMessage() for r in caplog.records if "already delivered" in r.getMessage()]
+        assert len(skipped) == 4 and all(r.levelname == "DEBUG" for r in caplog.records
+                                         if "already delivered" in r.getMessage())
+        assert f"slack: skipped event {add.payload['event_id']} (reaction_added), already delivered: " \
+               "retry 2 (timeout)" in skipped
+
+
+# Each would be answered (a DM) or a vote (on the reply, by U2) if it got through.
+MALFORMED = {
+    "text not a string": ({"type": "message", "channel": "D1", "user": "U1", "text": 42, "channel_type": "im"},
+                          "'text' is int, not str"),
+    "message without user": ({"type": "message", "channel": "D1", "text": "hi", "channel_type": "im"},
+                             "no 'user' and no 'bot_id'"),
+    "user not a string": ({"type": "message", "channel": "D1", "user": {"id": "U1"}, "text": "hi"},
+                          "'user' is dict, not str"),
+    "ts a number": ({"type": "message", "channel": "D1", "user": "U1", "text": "hi", "ts": 1700000999.5},
+                    "'ts' is float, not str"),
+    "subtype an object": ({"type": "message", "channel": "D1", "user": "U1", "text": "hi", "subtype": {}},
+                          "'subtype' is dict, not str"),
+    "mention with null text": ({"type": "app_mention", "channel": "C1", "user": "U1", "text": None}, None),
+    "reaction without item": ({"type": "reaction_added", "user": "U2", "reaction": "+1"}, "no 'item'"),
+    "item not an object": ({"type": "reaction_added", "user": "U2", "reaction": "+1", "item": "C1"},
+                           "'item' is str, not dict"),
+    "item without ts": ({"type": "reaction_added", "user": "U2", "reaction": "+1",
+                         "item": {"type": "message", "channel": "C1"}}, "no 'ts'"),
+    "reaction not a string": ({"type": "reaction_added", "user": "U2", "reaction": ["+1"], "item": "REPLY"},
+                              "'reaction' is list, not str"),
+    "reaction without user": ({"type": "reaction_removed", "reaction": "+1", "item": "REPLY"}, "no 'user'"),
+    "reaction on a file": ({"type": "reaction_added", "user": "U2", "reaction": "+1",
+                            "item": {"type": "file", "file": "F1"}}, None),
+    "unknown event type": ({"type": "team_join", "user": {"id": "U9"}}, None),
+    "type not a string": ({"type": 5, "channel": "D1"}, "'type' is int, not str"),
+    "no type": ({"channel": "D1", "text": "hi"}, "no 'type'"),
+    "not an object": ("garbage", "the event is str, not an object"),
+    "null": (None, "the event is NoneType, not an object"),
+}
+
+
+async def test_malformed_events_are_logged_and_skipped(tmp_path, tiny_model_dir, caplog):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        _, reply, reply_id = await ask(bot, "D1", "U1", "first")
+        await fake.wait_bot_reaction("D1", reply["ts"], "-1")
+        # a message without text (an optional field) is an empty message: answered in a DM
+        blank = fake._next_ts()
+        await fake.push_event({"type": "message", "channel": "D1", "user": "U1", "ts": blank, "channel_type": "im"})
+        await fake.wait_bot_reaction("D1", (await fake.wait_bot_message("D1", thread_ts=blank))["ts"], "-1")
+        await settle(fake)
+        assert await bot.rows("SELECT text FROM messages WHERE platform_message_id = ?", (f"D1:{blank}",)) == [("",)]
+
+        for event, _ in MALFORMED.values():
+            if isinstance(event, dict):
+                event = {"ts": fake._next_ts(), **event}
+                if event.get("item") == "REPLY":
+                    event["item"] = {"type": "message", "channel": "D1", "ts": reply["ts"]}
+            await fake.push_event(event)
+        await settle(fake)                                 # every envelope acked: none left to retry
+        # still serving
+        ts, second, second_id = await ask(bot, "D1", "U1", "still there?")
+        assert second["thread_ts"] == ts and second_id != reply_id
+        await settle(fake)
+        assert len(fake.bot_messages) == 3
+        counts = await bot.store.counts()
+        assert (counts["messages"], counts["replies"], counts["votes"]) == (3, 3, 0)
+        logged = [r.getMessage() for r in caplog.records if r.name.startswith("bot.") and r.levelname == "WARNING"]
+        for name, (_, why) in MALFORMED.items():
+            if why is not None:
+                assert any(why in line for line in logged), (name, why, logged)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= 40]
+        assert errors == [], errors                        # no listener raised, bolt failed on none
+
+
 # -- the slash command ---------------------------------------------------------
 
 

@@ -9,13 +9,21 @@ Reactions use the raw events (on_raw_reaction_add/remove), so votes on replies t
 are no longer in discord.py's message cache still count. Slash commands are checked
 for admin rights in ChatCore (Manage Server, or configured role/user ids), not only
 by Discord's default_member_permissions.
+
+Odd payloads never stop the bot: a gateway event that discord.py itself cannot parse (its
+parsers raise, and an exception there would end ``client.start``) is logged and dropped,
+except READY (without it nothing works, so that one still fails loudly); the handlers here
+take what discord.py builds as it comes (empty content, an emoji without a name, a missing
+reference) and turn it into payloads or nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 import discord
 from discord import app_commands
@@ -30,6 +38,30 @@ PLATFORM = "discord"
 LIMIT = 2000   # Discord's message length limit
 EDIT_SECONDS = 1.2   # between edits of a streamed reply: Discord allows 5 per 5 s per channel
 USER_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+UNGUARDED_EVENTS = {"READY"}   # gateway events whose parse failure should still end the connection
+
+
+def _guarded(event: str, parse: Callable[[Any], None]) -> Callable[[Any], None]:
+    """discord.py's parser for one gateway event, logging and dropping a payload it can't read."""
+    @functools.wraps(parse)
+    def guarded(data: Any) -> None:
+        try:
+            parse(data)
+        except Exception:  # noqa: BLE001 - one odd payload must not end the gateway connection
+            log.exception("discord: skipped a malformed %s event", event)
+    return guarded
+
+
+def guard_parsers(client: discord.Client) -> None:
+    """Wrap the gateway event parsers of ``client`` (``ConnectionState.parsers``, the dict the
+    gateway looks each event up in) with :func:`_guarded`."""
+    parsers = getattr(getattr(client, "_connection", None), "parsers", None)
+    if not isinstance(parsers, dict):        # a discord.py without that dict: nothing to guard
+        log.warning("discord: cannot guard the gateway parsers (discord.py %s)", discord.__version__)
+        return
+    for event, parse in list(parsers.items()):
+        if event not in UNGUARDED_EVENTS:
+            parsers[event] = _guarded(event, parse)
 
 
 def split_text(text: str, limit: int = LIMIT) -> list[str]:
@@ -92,6 +124,7 @@ class DiscordAdapter:
         # Model output must never ping anyone (@everyone, roles, users), nor the person replied to.
         client_options.setdefault("allowed_mentions", discord.AllowedMentions.none())
         self.client = discord.Client(intents=intents, **client_options)
+        guard_parsers(self.client)
         self.tree = app_commands.CommandTree(self.client)
         self._register_commands()
         self.client.setup_hook = self._setup_hook
@@ -124,7 +157,7 @@ class DiscordAdapter:
         if ref is None or ref.message_id is None:
             return False
         if isinstance(ref.resolved, discord.Message):
-            return ref.resolved.author.id == self._bot_id()
+            return getattr(getattr(ref.resolved, "author", None), "id", None) == self._bot_id()
         return await self.core.is_bot_reply(PLATFORM, str(ref.message_id))
 
     def _clean(self, m: discord.Message) -> str:
@@ -144,7 +177,7 @@ class DiscordAdapter:
     async def _history(self, message: discord.Message) -> list[HistoryItem]:
         """The reply chain when the message is a reply, else recent channel history (oldest first)."""
         n = self.cfg.chat.history_messages
-        items: list[HistoryItem] = []
+        items: list[HistoryItem | None] = []
         try:
             if message.reference and message.reference.message_id:
                 ref, seen = message.reference, 0
@@ -153,26 +186,43 @@ class DiscordAdapter:
                         await message.channel.fetch_message(ref.message_id)
                     items.append(self._item(prev))
                     ref, seen = prev.reference, seen + 1
-                return items[::-1]
+                return [h for h in items[::-1] if h is not None]
             async for prev in message.channel.history(limit=n, before=message):
                 items.append(self._item(prev))
         except discord.HTTPException as e:
             log.warning("could not read context for message %s: %s", message.id, e)
-        return items[::-1]
+        return [h for h in items[::-1] if h is not None]
 
-    def _item(self, m: discord.Message) -> HistoryItem:
-        return HistoryItem(m.author.display_name, self._clean(m), m.author.id == self._bot_id())
+    def _item(self, m: discord.Message) -> HistoryItem | None:
+        try:
+            return HistoryItem(m.author.display_name, self._clean(m), m.author.id == self._bot_id())
+        except (AttributeError, TypeError, ValueError) as e:     # a message discord.py built half
+            log.warning("discord: left message %s out of the context: %s", getattr(m, "id", "?"), e)
+            return None
+
+    def _message(self, message: discord.Message) -> Message | None:
+        """The payload for a person's message; None for system messages and for a message
+        discord.py built without the parts it needs (logged)."""
+        try:
+            if message.type not in USER_MESSAGE_TYPES:     # joins, pins, thread notices, command echoes
+                return None
+            author = message.author
+            return Message(
+                platform=PLATFORM, message_id=str(message.id), channel_id=str(message.channel.id),
+                author_id=str(author.id), author_name=author.display_name,
+                text=self._clean(message), author_is_bot=bool(author.bot),
+                is_dm=isinstance(message.channel, discord.DMChannel),
+                mentions_bot=self.client.user in message.mentions)
+        except (AttributeError, TypeError, ValueError) as e:
+            log.warning("discord: skipped a malformed message %s: %s", getattr(message, "id", "?"), e)
+            return None
 
     async def on_message(self, message: discord.Message) -> None:
-        if message.type not in USER_MESSAGE_TYPES:     # joins, pins, thread notices, command echoes
+        msg = self._message(message)
+        if msg is None:
             return
-        msg = Message(
-            platform=PLATFORM, message_id=str(message.id), channel_id=str(message.channel.id),
-            author_id=str(message.author.id), author_name=message.author.display_name,
-            text=self._clean(message), author_is_bot=message.author.bot,
-            is_dm=isinstance(message.channel, discord.DMChannel),
-            mentions_bot=self.client.user in message.mentions,
-            replies_to_bot=not message.author.bot and await self._replies_to_bot(message))
+        if not msg.author_is_bot and await self._replies_to_bot(message):
+            msg = dataclasses.replace(msg, replies_to_bot=True)
         if not self.core.wants_reply(msg):
             return
         history = await self._history(message)

@@ -18,6 +18,15 @@ Socket Mode needs no public URL: the app token (xapp-) opens a WebSocket, the bo
   with an ephemeral ``respond()``. Workspace admins and owners (users.info, cached for a
   minute) are platform admins; the admin decision itself is ChatCore's.
 
+Every Events API delivery is remembered by its ``event_id`` (the last ``EVENT_IDS``): Slack
+delivers an event again (same ``event_id``, a ``retry_attempt``) when its acknowledgement did
+not arrive in time, and a repeat is acknowledged and skipped, so nothing is answered or
+recorded twice. An event of a type the bot does not handle is acknowledged and skipped; one
+with a field missing or of the wrong type is logged and skipped (``text`` may be missing).
+
+bolt and slack_sdk log through ``bot.adapters.slack.bolt``, whose ``RedactTokens`` filter masks
+tokens (Socket Mode frames carry the verification token, and slack_sdk logs frames at DEBUG).
+
 A reply is streamed: posted (chat.postMessage) as soon as the model has written a few words,
 then updated in place (chat.update) with the text so far at most every ``UPDATE_SECONDS``;
 the final text settles every part, split as below. The seeds go on the first part.
@@ -37,12 +46,14 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.chat import ChatCore
@@ -58,6 +69,8 @@ RATE_LIMIT_RETRIES = 5  # 429 answers waited out per Web API call (Retry-After s
 USER_TTL = 60.0         # seconds users.info answers (names, admin/owner, is_bot) are cached
 THREAD_PAGES = 10       # conversations.replies pages (200 messages each) read for context
 UPDATE_SECONDS = 1.2    # between chat.update calls of a streamed reply (Slack: about 1 per second)
+EVENT_IDS = 5000        # event ids remembered to skip Slack's retries (it retries 3 times within ~5 min)
+HANDLED_EVENTS = {"message", "app_mention", "reaction_added", "reaction_removed"}
 
 # Message subtypes that carry something a person wrote; every other subtype
 # (message_changed, message_deleted, channel_join, ...) is ignored.
@@ -68,6 +81,29 @@ PERMANENT_ERRORS = {"channel_not_found", "not_in_channel", "is_archived", "restr
 _SLACK_NAME_FOR = {}
 for _name, _emoji in SLACK_NAMES.items():       # first name wins: 👍 → "+1", 👎 → "-1"
     _SLACK_NAME_FOR.setdefault(_emoji, _name)
+# slack_sdk's Socket Mode client logs every frame at DEBUG; a frame's payload carries the app's
+# verification token ("token": "..."), and Web API tokens must never be logged either.
+_SECRETS = re.compile(r"""(["'])token\1(\s*:\s*)(["'])[^"']*\3|\bx(?:ox[a-z]|app)-[A-Za-z0-9-]+""")
+
+
+class RedactTokens(logging.Filter):
+    """Masks tokens in the records of the logger it is on (the one bolt and slack_sdk are given)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that can't be formatted is left to logging
+            return True
+        clean = _SECRETS.sub(lambda m: f"{m[1]}token{m[1]}{m[2]}{m[3]}…{m[3]}" if m[1] else "x…-…", text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+BOLT_LOGGER = logging.getLogger("bot.adapters.slack.bolt")
+if not any(isinstance(f, RedactTokens) for f in BOLT_LOGGER.filters):
+    BOLT_LOGGER.addFilter(RedactTokens())
+
 _PLAIN_NAME = re.compile(r"^[a-z0-9_+\-']+$")
 _USER_ARG = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
 USAGE = ("Usage: {cmd} retrain | status | rollback VERSION | forget [@user]\n"
@@ -132,7 +168,39 @@ def parse_command(text: str) -> tuple[str, dict] | None:
 
 
 def _ts_key(ts: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in str(ts).split(".") if p.isdigit())
+    return tuple(int(p) for p in str(ts).split(".") if p.isascii() and p.isdigit())
+
+
+# What the handlers read from an event, and the type each must have when it is there.
+MESSAGE_FIELDS = {"channel": str, "ts": str, "text": str, "user": str, "bot_id": str, "subtype": str,
+                  "thread_ts": str, "channel_type": str}
+REACTION_FIELDS = {"user": str, "reaction": str, "item": dict}
+ITEM_FIELDS = {"type": str, "channel": str, "ts": str}
+
+
+def problem(event: Any, fields: dict[str, type], required: tuple[str, ...]) -> str | None:
+    """Why ``event`` can't be used (not an object, a required field missing, a field of the
+    wrong type), or None when it can."""
+    if not isinstance(event, dict):
+        return f"the event is {type(event).__name__}, not an object"
+    for key in required:
+        if event.get(key) in (None, ""):
+            return f"no {key!r}"
+    for key, kind in fields.items():
+        value = event.get(key)
+        if value is not None and not isinstance(value, kind):
+            return f"{key!r} is {type(value).__name__}, not {kind.__name__}"
+    return None
+
+
+def _usable(m: Any) -> bool:
+    """A message from conversations.replies / .history that can go into the context."""
+    return isinstance(m, dict) and isinstance(m.get("ts"), str) and problem(m, MESSAGE_FIELDS, ()) is None
+
+
+def _kind(event: Any) -> str:
+    kind = event.get("type") if isinstance(event, dict) else None
+    return kind if isinstance(kind, str) and kind else "Slack"
 
 
 class SlackReply(ShownReply):
@@ -175,6 +243,21 @@ class SlackReply(ShownReply):
         return [message_key(c, ts) for c, ts in self.parts[:len(chunks)]]
 
 
+class ScreeningHandler(AsyncSocketModeHandler):
+    """bolt's Socket Mode handler with a screen in front of the app: an Events API envelope
+    that ``admit`` turns away is acknowledged (so Slack does not send it again) and dropped."""
+
+    def __init__(self, app: AsyncApp, app_token: str, admit: Callable[[SocketModeRequest], bool]):
+        super().__init__(app, app_token=app_token)
+        self.admit = admit
+
+    async def handle(self, client, req: SocketModeRequest) -> None:
+        if req.type == "events_api" and not self.admit(req):
+            await client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+            return
+        await super().handle(client, req)
+
+
 class SlackAdapter:
     def __init__(self, core: ChatCore, cfg: Config, *, client: AsyncWebClient | None = None,
                  update_seconds: float = UPDATE_SECONDS):
@@ -192,6 +275,7 @@ class SlackAdapter:
         self.ready = asyncio.Event()
         self._stop: asyncio.Event | None = None
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()       # (channel, ts) handled
+        self._events: OrderedDict[str, None] = OrderedDict()                 # event ids delivered
         self._threads: OrderedDict[tuple[str, str], bool] = OrderedDict()    # bot posted in thread?
         self._users: dict[str, tuple[float, dict | None]] = {}
 
@@ -211,9 +295,9 @@ class SlackAdapter:
             self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES))
         auth = await self.client.auth_test()        # a bad bot token fails here, clearly
         self.bot_user_id, self.bot_id = auth["user_id"], auth.get("bot_id") or ""
-        self.app = AsyncApp(client=self.client, logger=logging.getLogger("bot.adapters.slack.bolt"))
+        self.app = AsyncApp(client=self.client, logger=BOLT_LOGGER)
         self._register(self.app)
-        self.handler = AsyncSocketModeHandler(self.app, app_token=app_token or self.cfg.slack_app_token)
+        self.handler = ScreeningHandler(self.app, app_token or self.cfg.slack_app_token, self._admit)
         self._stop = asyncio.Event()
         try:
             await self.handler.connect_async()
@@ -237,6 +321,30 @@ class SlackAdapter:
         app.event("reaction_removed")(self._on_reaction_removed)
         app.command(self.command_name)(self._on_command)
 
+    def _admit(self, req: SocketModeRequest) -> bool:
+        """Should bolt see this Events API envelope? Not when its ``event_id`` was delivered
+        before (Slack's retry: ``retry_attempt`` 1-3, ``retry_reason`` "timeout", ...), nor
+        when its event is of a type no listener handles or is malformed (bolt would leave it
+        unacknowledged, or fail in its own middleware, and Slack would retry it)."""
+        body = req.payload
+        if not isinstance(body, dict) or body.get("type") != "event_callback":
+            return True
+        event_id, event = body.get("event_id"), body.get("event")
+        kind = event.get("type") if isinstance(event, dict) else None
+        if isinstance(event_id, str) and event_id:
+            if event_id in self._events:
+                log.debug("slack: skipped event %s (%s), already delivered: retry %s (%s)",
+                          event_id, kind, req.retry_attempt, req.retry_reason)
+                return False
+            self._remember(self._events, event_id, None, EVENT_IDS)
+        if kind in HANDLED_EVENTS:
+            return True
+        if isinstance(kind, str) and kind:
+            log.debug("slack: ignored a %s event (not one the bot handles)", kind)
+        else:
+            log.warning("slack: skipped a malformed event %s: %s", event_id, problem(event, {"type": str}, ("type",)))
+        return False
+
     # -- users ----------------------------------------------------------------
 
     async def _user(self, user_id: str) -> dict | None:
@@ -247,7 +355,8 @@ class SlackAdapter:
         if hit and hit[0] > time.monotonic():
             return hit[1]
         try:
-            info = (await self.client.users_info(user=user_id))["user"]
+            info = (await self.client.users_info(user=user_id)).get("user")
+            info = info if isinstance(info, dict) else None
         except SlackApiError as e:
             log.warning("slack: users.info %s failed: %s", user_id, e.response.get("error"))
             info = None
@@ -258,8 +367,11 @@ class SlackAdapter:
         info = await self._user(user_id)
         if not info:
             return user_id
-        profile = info.get("profile") or {}
-        return profile.get("display_name") or info.get("real_name") or info.get("name") or user_id
+        profile = info.get("profile") if isinstance(info.get("profile"), dict) else {}
+        for name in (profile.get("display_name"), info.get("real_name"), info.get("name")):
+            if isinstance(name, str) and name:
+                return name
+        return user_id
 
     # -- messages -------------------------------------------------------------
 
@@ -293,8 +405,8 @@ class SlackAdapter:
             log.warning("slack: conversations.replies %s/%s failed: %s", channel, thread_ts, e.response.get("error"))
             ok = False
         seen, unique = set(), []
-        for m in out:
-            if m.get("ts") not in seen and _ts_key(m.get("ts", "0")) < _ts_key(before):
+        for m in filter(_usable, out):
+            if m.get("ts") not in seen and _ts_key(m["ts"]) < _ts_key(before):
                 seen.add(m.get("ts"))
                 unique.append(m)
         if ok:      # remember whether the bot is in this thread (not after a failed read)
@@ -311,10 +423,10 @@ class SlackAdapter:
         except SlackApiError as e:
             log.warning("slack: conversations.history %s failed: %s", channel, e.response.get("error"))
             return []
-        return [m for m in reversed(resp.get("messages") or []) if _ts_key(m.get("ts", "0")) < _ts_key(before)]
+        return [m for m in reversed(resp.get("messages") or []) if _usable(m) and _ts_key(m["ts"]) < _ts_key(before)]
 
     async def _item(self, m: dict) -> HistoryItem | None:
-        if m.get("subtype") not in TEXT_SUBTYPES or not (m.get("text") or "").strip():
+        if not _usable(m) or m.get("subtype") not in TEXT_SUBTYPES or not (m.get("text") or "").strip():
             return None
         if self._from_me(m):
             return HistoryItem("bot", self._clean(m["text"]), True)
@@ -325,8 +437,15 @@ class SlackAdapter:
         return HistoryItem(name, self._clean(m["text"]), False)
 
     async def _on_message_event(self, event: dict) -> None:
-        channel, ts = event.get("channel"), event.get("ts")
-        if not channel or not ts or event.get("hidden") or event.get("subtype") not in TEXT_SUBTYPES:
+        why = problem(event, MESSAGE_FIELDS, ("channel", "ts"))
+        if why is not None:
+            log.warning("slack: skipped a malformed %s event: %s", _kind(event), why)
+            return
+        channel, ts = event["channel"], event["ts"]
+        if event.get("hidden") or event.get("subtype") not in TEXT_SUBTYPES:
+            return
+        if not event.get("user") and not event.get("bot_id"):
+            log.warning("slack: skipped a message event %s/%s: no 'user' and no 'bot_id'", channel, ts)
             return
         if (channel, ts) in self._seen:          # a mention arrives as app_mention and message
             return
@@ -381,10 +500,15 @@ class SlackAdapter:
     # -- reactions ------------------------------------------------------------
 
     async def _reaction(self, event: dict, added: bool) -> None:
-        item = event.get("item") or {}
-        if item.get("type") != "message" or not item.get("channel") or not item.get("ts"):
+        why = problem(event, REACTION_FIELDS, ("user", "reaction", "item"))
+        item = event.get("item") if why is None else None
+        if item is not None and item.get("type") != "message":      # on a file, a file comment
             return
-        user, emoji = event.get("user") or "", event.get("reaction") or ""
+        why = why or problem(item, ITEM_FIELDS, ("channel", "ts"))
+        if why is not None:
+            log.warning("slack: skipped a malformed %s event: %s", _kind(event), why)
+            return
+        user, emoji = event["user"], event["reaction"]
         is_bot = user == self.bot_user_id
         if not is_bot and self.core.is_voting_emoji(emoji):   # only voting emoji cost a lookup
             info = await self._user(user)
@@ -404,12 +528,14 @@ class SlackAdapter:
 
     async def _on_command(self, ack, command: dict, respond) -> None:
         await ack()          # within Slack's 3 s; the answer follows through response_url
-        parsed = parse_command(command.get("text", ""))
+        text = command.get("text")
+        parsed = parse_command(text if isinstance(text, str) else "")
         if parsed is None or not parsed[0]:
             await respond(text=escape(USAGE.format(cmd=self.command_name)), response_type="ephemeral")
             return
         name, args = parsed
-        user = command.get("user_id", "")
+        user = command.get("user_id")
+        user = user if isinstance(user, str) else ""
         info = await self._user(user)
         result = await self.core.on_command(Command(
             PLATFORM, command.get("channel_id", ""), user, name, args,

@@ -39,6 +39,9 @@ Everything recorded is plain dicts in lists on the instance
 ``bot_messages`` record); :meth:`FakeSlack.text_history` keeps what a message said, posted
 then after each update, and a ``message_changed`` event is pushed as Slack does.
 :meth:`FakeSlack.fail` makes a method answer ``{"ok": false, "error": ...}``.
+:meth:`FakeSlack.redeliver` delivers an Events API envelope again as Slack's retry does (a new
+envelope, the same ``event_id``, ``retry_attempt`` 1 and ``retry_reason`` "timeout"), and
+:meth:`FakeSlack.push_event` takes any inner event, malformed ones included.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class Envelope:
     ack_count: int = 0
     responses: List[Dict[str, Any]] = field(default_factory=list)
     sent_at: float = field(default_factory=time.monotonic)
+    retry_attempt: int = 0
+    retry_reason: str = ""
 
     @property
     def event(self) -> Optional[Dict[str, Any]]:
@@ -115,7 +120,8 @@ class Envelope:
             "type": self.type,
             "payload": self.payload,
             "accepts_response_payload": self.accepts_response_payload,
-            **({"retry_attempt": 0, "retry_reason": ""} if self.type == "events_api" else {}),
+            **({"retry_attempt": self.retry_attempt, "retry_reason": self.retry_reason}
+               if self.type == "events_api" else {}),
         }
 
 
@@ -526,12 +532,17 @@ class FakeSlack:
         accepts_response_payload: bool = False,
         envelope_id: Optional[str] = None,
         timeout: float = 10,
+        retry_attempt: int = 0,
+        retry_reason: str = "",
     ) -> Envelope:
         """Push a raw envelope of ``type`` ("events_api", "slash_commands",
         "interactive", ...) and return its record (waits up to ``timeout`` for a
-        connection)."""
+        connection). ``retry_attempt`` / ``retry_reason`` go on ``events_api``
+        envelopes (0 and "" for a first delivery)."""
         await self.wait_connected(timeout)
-        env = Envelope(envelope_id=envelope_id or str(uuid.uuid4()), type=type, payload=payload, accepts_response_payload=accepts_response_payload)
+        env = Envelope(envelope_id=envelope_id or str(uuid.uuid4()), type=type, payload=payload,
+                       accepts_response_payload=accepts_response_payload,
+                       retry_attempt=retry_attempt, retry_reason=retry_reason)
         self.envelopes.append(env)
         self._envelopes_by_id[env.envelope_id] = env
         assert self._send_lock is not None and self._ws is not None
@@ -540,9 +551,24 @@ class FakeSlack:
         await self._notify()
         return env
 
-    async def push_event(self, event: Dict[str, Any], *, timeout: float = 10) -> Envelope:
-        """Push an ``events_api`` envelope wrapping ``event`` (the inner event dict)."""
+    async def push_event(self, event: Any, *, timeout: float = 10) -> Envelope:
+        """Push an ``events_api`` envelope wrapping ``event`` (the inner event dict; any JSON
+        value, to test what the app makes of a malformed one)."""
         return await self.send_envelope("events_api", self._event_payload(event), timeout=timeout)
+
+    async def redeliver(self, record: Envelope, *, retry_attempt: int = 1, retry_reason: str = "timeout",
+                        timeout: float = 10) -> Envelope:
+        """Deliver an ``events_api`` envelope again, as Slack does when the app did not
+        acknowledge it in time: a new envelope (new ``envelope_id``) with the same payload
+        (same ``event_id``), ``retry_attempt`` (1, 2, 3 in real Slack) and ``retry_reason``
+        ("timeout", "http_error", ...). Returns the new record."""
+        assert record.type == "events_api", "Slack retries only Events API envelopes"
+        return await self.send_envelope("events_api", copy.deepcopy(record.payload), timeout=timeout,
+                                        retry_attempt=retry_attempt, retry_reason=retry_reason)
+
+    def envelopes_for(self, predicate: Callable[[Dict[str, Any]], bool]) -> List[Envelope]:
+        """The ``events_api`` envelopes whose inner event matches ``predicate``, oldest first."""
+        return [e for e in self.envelopes if isinstance(e.event, dict) and predicate(e.event)]
 
     async def user_message(
         self,
