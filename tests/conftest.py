@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,29 @@ from bot.policy import Policy
 from bot.store import Store
 from tests.tiny_model import build_endless_model, build_tiny_model
 from tests.trainer_helpers import store_for  # noqa: F401  (a fixture: await store_for(cfg))
+
+
+# The fake platforms' secrets: they must never reach a log, at any level, on any path.
+SECRETS = ("fake-bot-token", "xoxb-fake-bot", "xapp-fake-app", "fake-verification-token")
+LOGGERS = ("bot", "trainer", "discord", "slack_bolt", "slack_sdk", "aiohttp")
+
+
+@pytest.fixture(autouse=True)
+def no_secrets_in_logs(request, caplog):
+    """Every test runs with the project's and the chat SDKs' loggers at DEBUG; afterwards the
+    captured records, and any log file the test's bot wrote under its tmp_path, are searched
+    for the fake tokens."""
+    for name in LOGGERS:
+        caplog.set_level(logging.DEBUG, logger=name)
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    fmt = logging.Formatter()
+    records = [r for phase in ("setup", "call") for r in caplog.get_records(phase)]
+    texts = [("captured log", "\n".join(fmt.format(r) for r in records))]
+    if tmp is not None:
+        texts += [(str(p), p.read_text(errors="replace")) for p in Path(tmp).rglob("*.log") if p.is_file()]
+    leaks = [(where, secret) for where, text in texts for secret in SECRETS if secret in text]
+    assert not leaks, f"secrets in logs: {leaks}"
 
 
 @pytest.fixture(scope="session")
