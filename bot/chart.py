@@ -80,4 +80,8 @@ def _reward_model_panel(ax, shown: list[Version]) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("reward model")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "no reward model tested on new votes yet", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8, color="grey")

@@ -6,7 +6,7 @@ import pytest
 import pytest_asyncio
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -337,3 +337,77 @@ async def test_reconnect_after_disconnect_message(fake, bolt):
     assert len(fake.calls_to("apps.connections.open")) == 2
     ts = await fake.user_message("C2", "U1", "still there?")
     assert (await next_item(got))["ts"] == ts
+
+
+async def test_files_upload_v2_and_conversations_open(fake, bolt):
+    """slack_sdk's files_upload_v2 against the fake: its three steps, the share, the echo, the errors."""
+    app, _ = bolt
+    echoes: asyncio.Queue = asyncio.Queue()
+
+    @app.event("message")
+    async def on_message(event):
+        await echoes.put(event)
+
+    client = fake.make_client()
+    opened = await client.conversations_open(users="U2")
+    assert opened["channel"] == {"id": "DU2"} and "already_open" not in opened.data
+    again = await client.conversations_open(users="U2", return_im=True)
+    assert again["already_open"] is True and again["channel"]["is_im"] and again["channel"]["user"] == "U2"
+    assert (await client.conversations_open(users="U1"))["channel"]["id"] == "D1"
+    for kwargs, error in [({}, "users_list_not_supplied"), ({"users": "UNOPE"}, "user_not_found"),
+                          ({"channel": "C1"}, "channel_not_found")]:
+        with pytest.raises(SlackApiError) as err:
+            await client.api_call("conversations.open", params=kwargs)      # the SDK itself refuses no args
+        assert err.value.response["error"] == error
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    done = await client.files_upload_v2(channel="DU2", file=png, filename="chart.png", title="A chart",
+                                        alt_txt="bars")
+    assert [c.method for c in fake.calls[-2:]] == ["files.getUploadURLExternal", "files.completeUploadExternal"]
+    assert fake.calls[-2].args["length"] == str(len(png)) and done["file"]["title"] == "A chart"
+    (shared,) = fake.shared_files
+    assert (shared["channel"], shared["filename"], shared["title"], shared["data"]) == ("DU2", "chart.png", "A chart", png)
+    record = fake.files[shared["file_id"]]
+    assert record["completed"] and record["channels"] == ["DU2"] and record["alt_txt"] == "bars"
+    (msg,) = fake.messages["DU2"]
+    assert msg["subtype"] == "file_share" and msg["user"] == fake.bot_user_id and msg["files"][0]["mimetype"] == "image/png"
+    assert fake.bot_messages == []                      # only chat.postMessage lands there
+
+    # no channel: the file is the bot's alone, shared nowhere; a thread reply; a user id in channels
+    await client.files_upload_v2(content="private", filename="p.txt")
+    assert fake.files["F00000002"]["completed"] and fake.files["F00000002"]["channels"] == []
+    parent = await fake.user_message("C1", "U1", "thread me")
+    await client.files_upload_v2(channel="C1", content=b"x", filename="x.bin", thread_ts=parent, initial_comment="hi")
+    assert fake.files_shared_to("C1")[0]["thread_ts"] == parent and fake.thread("C1", parent)[-1]["text"] == "hi"
+    await client.files_upload_v2(channels=["U1"], content=b"y", filename="y.bin")
+    assert fake.files_shared_to("D1")[0]["data"] == b"y"
+    assert len(fake.shared_files) == 3
+
+    # errors: an unknown channel, a file never uploaded or completed twice, a failed upload POST, a missing scope
+    with pytest.raises(SlackApiError) as err:
+        await client.files_upload_v2(channel="C404", content=b"z", filename="z")
+    assert err.value.response["error"] == "channel_not_found"
+    fresh = await client.files_getUploadURLExternal(filename="n.png", length=3)
+    assert fresh["upload_url"].startswith(fake.base_url + "/upload/v1/")
+    for file_id in (fresh["file_id"], shared["file_id"], "FNOPE"):
+        with pytest.raises(SlackApiError) as err:
+            await client.files_completeUploadExternal(files=[{"id": file_id}], channel_id="C1")
+        assert err.value.response["error"] == "file_not_found"
+    fake.fail_uploads(status=500, times=1)
+    with pytest.raises(SlackRequestError, match="status: 500"):
+        await client.files_upload_v2(channel="C1", content=b"z", filename="z")
+    fake.scopes = "chat:write,users:read"
+    for call in (client.files_getUploadURLExternal(filename="a", length=1), client.conversations_open(users="U1")):
+        with pytest.raises(SlackApiError) as err:
+            await call
+        assert err.value.response["error"] == "missing_scope" and err.value.response["provided"] == fake.scopes
+    assert [c.response["needed"] for c in fake.calls[-2:]] == ["files:write", "im:write"]
+    assert len(fake.shared_files) == 3
+
+    # each share was echoed as a file_share message event (which bolt drops: the bot's own)
+    echoed = fake.envelopes_for(lambda e: e.get("subtype") == "file_share")
+    assert [e.event["channel"] for e in echoed] == ["DU2", "C1", "D1"]
+    assert [e.event["files"][0]["id"] for e in echoed] == [shared["file_id"], "F00000003", "F00000004"]
+    for env in fake.envelopes:
+        await fake.wait_ack(env)
+    assert (await next_item(echoes))["ts"] == parent and echoes.empty()

@@ -159,7 +159,9 @@ def test_manifest_asks_for_what_the_adapter_uses():
     assert {"app_mention", "message.channels", "message.groups", "message.im", "message.mpim",
             "reaction_added", "reaction_removed"} <= set(settings["event_subscriptions"]["bot_events"])
     assert {"app_mentions:read", "channels:history", "groups:history", "im:history", "mpim:history", "chat:write",
-            "commands", "reactions:read", "reactions:write", "users:read"} <= set(manifest["oauth_config"]["scopes"]["bot"])
+            "commands", "reactions:read", "reactions:write", "users:read",
+            "files:write", "im:write"} <= set(manifest["oauth_config"]["scopes"]["bot"])      # the /status chart
+    assert set(manifest["oauth_config"]["scopes"]["bot"]) == set(FakeSlack.SCOPES.split(","))   # the fake's token
     (command,) = features["slash_commands"]
     assert command["command"] == SlackConfig().command and command["should_escape"] is True
     assert "url" not in command                      # Socket Mode: commands come over the socket
@@ -493,6 +495,7 @@ async def test_slash_command_as_admin(tmp_path, tiny_model_dir):
         await ask(bot, "C1", "U1", "remember me", mention_bot=True)
         rec = await fake.slash(CMD, "status", "U2", "C1")
         assert "Replies: 1" in (await fake.wait_response(rec))["text"]
+        assert (await fake.wait_shared_file("DU2"))["filename"] == "status.png"    # bob's new DM with the bot
         rec = await fake.slash(CMD, "forget <@U1|alice>", "U2", "C1")
         assert (await fake.wait_response(rec))["text"].startswith("Forgot user U1: 1 messages, 1 replies")
         assert (await bot.store.counts())["messages"] == 0
@@ -525,7 +528,74 @@ async def test_slash_command_as_non_admin(tmp_path, tiny_model_dir):
         assert (await fake.wait_response(rec))["text"].startswith("Forgot user U2: 1 messages")
         rec = await fake.slash(CMD, "status", "U1", "C1")
         assert "Active version: v0" in (await fake.wait_response(rec))["text"]
+        await fake.wait_shared_file("D1")
         assert fake.bot_messages[1:] == []                              # answers were ephemeral only
+        assert fake.files_shared_to("C1") == []                         # the chart went to alice's DM
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def chart_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "bot.adapters.slack" and r.levelno >= 30 and "chart" in r.getMessage()]
+
+
+async def test_status_chart_goes_to_the_askers_dm(tmp_path, tiny_model_dir, caplog):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        rec = await fake.slash(CMD, "status", "U1", "C1")
+        text = await fake.wait_response(rec)
+        assert text["response_type"] == "ephemeral" and "Active version: v0" in text["text"]
+        shared = await fake.wait_shared_file()
+        chart = (Path(bot.cfg.data_dir).expanduser() / "status.png").read_bytes()
+        assert shared["channel"] == "D1" and shared["data"] == chart and chart.startswith(PNG)
+        assert (shared["filename"], shared["title"], shared["thread_ts"]) == ("status.png", "reactlearn status", None)
+        assert fake.files[shared["file_id"]]["length"] == len(chart)
+        assert [c.args["users"] for c in fake.calls_to("conversations.open")] == ["U1"]
+        # not in the channel where it was asked; the ephemeral answer says where it is
+        assert [f["channel"] for f in fake.shared_files] == ["D1"] and fake.files_shared_to("C1") == []
+        note = await fake.wait_response(rec, index=1)
+        assert note == {"text": "The chart is in your direct messages with <@UBOT>.", "response_type": "ephemeral"}
+
+        # asked in that DM: the chart lands there, with no note; the file_share echoes are no messages to answer
+        rec = await fake.slash(CMD, "status", "U1", "D1")
+        await fake.wait_response(rec)
+        assert (await fake.wait_shared_file("D1", index=1))["data"] == \
+            (Path(bot.cfg.data_dir).expanduser() / "status.png").read_bytes()
+        await settle(fake)
+        assert len(rec.responses) == 1 and fake.bot_messages == []
+        assert [m.get("subtype") for m in fake.messages["D1"]] == ["file_share", "file_share"]
+        assert chart_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("scopes, failing, reason", [
+    ("files:write", None, "missing_scope (the app lacks the files:write scope"),
+    ("im:write", None, "missing_scope (the app lacks the im:write scope"),
+    ("", "upload", "Failed to upload a file (status: 500"),
+    ("", "files.completeUploadExternal", "file_uploads_disabled"),
+])
+async def test_status_text_arrives_when_the_chart_cannot(tmp_path, tiny_model_dir, caplog, scopes, failing, reason):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        if scopes:
+            fake.scopes = ",".join(s for s in fake.SCOPES.split(",") if s != scopes)
+        if failing == "upload":
+            fake.fail_uploads(status=500)
+        elif failing:
+            fake.fail(failing, "file_uploads_disabled")
+        rec = await fake.slash(CMD, "status", "U1", "C1")
+        assert "Active version: v0" in (await fake.wait_response(rec))["text"]
+        await until(lambda: chart_warnings(caplog), what="the chart's failure logged")
+        await settle(fake)
+        (warning,) = chart_warnings(caplog)
+        assert warning.startswith("slack: the /status chart was not sent to U1: ") and reason in warning, warning
+        assert len(rec.responses) == 1 and fake.shared_files == []     # no note about a chart that isn't there
+        assert not any(c.method == "files.completeUploadExternal" and c.ok for c in fake.calls)
+        # the same scope missing on the next /status: the text again, the reason logged again, once
+        rec = await fake.slash(CMD, "status", "U1", "C1")
+        assert "Active version: v0" in (await fake.wait_response(rec))["text"]
+        await until(lambda: len(chart_warnings(caplog)) == 2, what="the second failure logged")
 
 
 # -- limits ----------------------------------------------------------------------

@@ -16,7 +16,9 @@ Socket Mode needs no public URL: the app token (xapp-) opens a WebSocket, the bo
 - The slash command (``[slack] command``, default /reactlearn) with subcommands retrain,
   status, rollback N, forget [@user]: acknowledged at once (an empty ack), then answered
   with an ephemeral ``respond()``. Workspace admins and owners (users.info, cached for a
-  minute) are platform admins; the admin decision itself is ChatCore's.
+  minute) are platform admins; the admin decision itself is ChatCore's. A command result's
+  ``image`` (/status's chart) is uploaded (``files_upload_v2``) into the person's DM with the
+  bot, where only they can see it (see ``_send_chart``); the text answer never waits on it.
 
 Every Events API delivery is remembered by its ``event_id`` (the last ``EVENT_IDS``): Slack
 delivers an event again (same ``event_id``, a ``retry_attempt``) when its acknowledgement did
@@ -46,11 +48,13 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable
 
+import aiohttp
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.socket_mode.response import SocketModeResponse
@@ -71,6 +75,9 @@ THREAD_PAGES = 10       # conversations.replies pages (200 messages each) read f
 UPDATE_SECONDS = 1.2    # between chat.update calls of a streamed reply (Slack: about 1 per second)
 EVENT_IDS = 5000        # event ids remembered to skip Slack's retries (it retries 3 times within ~5 min)
 HANDLED_EVENTS = {"message", "app_mention", "reaction_added", "reaction_removed"}
+CHART_FILENAME = "status.png"
+CHART_TITLE = "reactlearn status"
+CHART_ALT = "Like-rate of each model version with its 95% interval, and the reward model's held-out AUC"
 
 # Message subtypes that carry something a person wrote; every other subtype
 # (message_changed, message_deleted, channel_join, ...) is ignored.
@@ -544,6 +551,42 @@ class SlackAdapter:
             prefix=f"{self.command_name} "))     # one slash command with sub-commands: "/reactlearn rollback"
         for chunk in split_text(escape(result.text), self.cfg.slack.message_chars):
             await respond(text=chunk, response_type="ephemeral")
+        if result.image and user:
+            channel = command.get("channel_id")
+            await self._send_chart(user, channel if isinstance(channel, str) else "", result.image, respond)
+
+    async def _send_chart(self, user: str, channel: str, path: str, respond) -> None:
+        """Upload the chart at ``path`` into ``user``'s DM with the bot; when the command was
+        typed elsewhere, an ephemeral line says where it went. A failure (a missing scope:
+        files:write, im:write; the upload refused; the file unreadable) is one warning, with
+        Slack's reason; the text answer has gone out already.
+
+        Why the DM: the answer is ephemeral, and neither ``response_url`` nor
+        chat.postEphemeral can carry a file. Shared into the channel (completeUploadExternal
+        ``channel_id``) the chart would be seen by every member; uploaded without a channel it
+        is private to its uploader, the bot, so a link to it in an ephemeral message would open
+        for no one else. The DM (conversations.open with the user) is the one conversation only
+        the person and the bot are in."""
+        try:
+            data = await asyncio.to_thread(Path(path).read_bytes)
+            opened = await self.client.conversations_open(users=user)
+            dm = (opened.get("channel") or {}).get("id")
+            if not isinstance(dm, str) or not dm:
+                raise SlackClientError(f"conversations.open answered no channel id for {user}")
+            await self.client.files_upload_v2(channel=dm, file=data, filename=CHART_FILENAME, title=CHART_TITLE,
+                                              alt_txt=CHART_ALT)
+        except SlackApiError as e:
+            needed = e.response.get("needed")
+            log.warning("slack: the /status chart was not sent to %s: %s%s", user, e.response.get("error"),
+                        f" (the app lacks the {needed} scope: update it from deploy/slack-manifest.yaml "
+                        "and reinstall)" if needed else "")
+            return
+        except (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # the POST, network, file
+            log.warning("slack: the /status chart was not sent to %s: %s", user, e)
+            return
+        if dm != channel:
+            await respond(text=f"The chart is in your direct messages with <@{self.bot_user_id}>.",
+                          response_type="ephemeral")
 
     # -- trainer results --------------------------------------------------------
 

@@ -29,11 +29,26 @@ HTTP routes:
 * ``/link`` -- the Socket Mode WebSocket (URL handed out by
   ``apps.connections.open``);
 * ``/respond/<envelope_id>`` -- ``response_url`` of slash commands
-  (records what ``respond()`` posts).
+  (records what ``respond()`` posts);
+* ``/upload/v1/<key>`` -- the ``upload_url`` that ``files.getUploadURLExternal`` hands
+  out (step 2 of an upload: the file's bytes, raw or multipart, no token: the URL is the
+  credential, as on files.slack.com).
+
+Files (``files_upload_v2``): ``files.getUploadURLExternal`` (filename, length) → a file id
+and an upload URL on the fake's own port; the POST to it stores the bytes; and
+``files.completeUploadExternal`` (``files`` JSON, ``channel_id`` or ``channels``) shares each
+file into the channel, which stores a ``file_share`` message there (echoed as an event, like
+a posted message) and appends to ``shared_files``. Without a channel the file stays private
+(shared nowhere), as on Slack. ``conversations.open`` (``users`` = one user id) opens or
+resumes the DM with that user.
+
+Scopes: the token's scopes are ``scopes`` (default :attr:`FakeSlack.SCOPES`, what
+deploy/slack-manifest.yaml asks for); a method in :attr:`FakeSlack.REQUIRED_SCOPES` called
+without its scope answers ``missing_scope`` with ``needed`` and ``provided``, as Slack does.
 
 Everything recorded is plain dicts in lists on the instance
 (``calls``, ``bot_messages``, ``bot_edits``, ``bot_reactions``, ``ephemerals``,
-``envelopes``, ``messages``) so tests can also assert on them directly.
+``envelopes``, ``messages``, ``files``, ``shared_files``) so tests can also assert on them directly.
 
 ``chat.update`` edits one of the bot's messages in place (its stored message and its
 ``bot_messages`` record); :meth:`FakeSlack.text_history` keeps what a message said, posted
@@ -150,9 +165,19 @@ class FakeSlack:
     BOT_TOKEN = "xoxb-fake-bot"
     APP_TOKEN = "xapp-fake-app"
     VERIFICATION_TOKEN = "fake-verification-token"
-    SCOPES = "app_mentions:read,channels:history,chat:write,commands,groups:history,im:history,reactions:read,reactions:write,users:read"
+    SCOPES = ("app_mentions:read,channels:history,chat:write,commands,files:write,groups:history,im:history,"
+              "im:write,mpim:history,reactions:read,reactions:write,users:read")
+    #: the scope each checked method needs (conversations.history/.replies: by the channel's type)
+    REQUIRED_SCOPES = {
+        "chat.postMessage": "chat:write", "chat.update": "chat:write", "chat.postEphemeral": "chat:write",
+        "reactions.add": "reactions:write", "reactions.remove": "reactions:write", "users.info": "users:read",
+        "files.getUploadURLExternal": "files:write", "files.completeUploadExternal": "files:write",
+        "conversations.open": "im:write",
+    }
+    _HISTORY_SCOPES = {"im": "im:history", "group": "groups:history", "channel": "channels:history"}
 
-    def __init__(self, *, echo_bot_messages: bool = True, check_tokens: bool = True, ts_base: int = 1700000000):
+    def __init__(self, *, echo_bot_messages: bool = True, check_tokens: bool = True, ts_base: int = 1700000000,
+                 scopes: Optional[str] = None):
         """
         Args:
             echo_bot_messages: like real Slack, push a ``message`` event for every
@@ -162,7 +187,10 @@ class FakeSlack:
                 without / with a wrong token (``xoxb-`` token for the Web API,
                 ``xapp-`` token for apps.connections.open).
             ts_base: seconds part of the first message ts.
+            scopes: the bot token's scopes, comma-separated (default :attr:`SCOPES`); a method
+                of :attr:`REQUIRED_SCOPES` without its scope answers ``missing_scope``.
         """
+        self.scopes = self.SCOPES if scopes is None else scopes
         self.echo_bot_messages = echo_bot_messages
         self.check_tokens = check_tokens
         self._ts_base = ts_base
@@ -193,6 +221,12 @@ class FakeSlack:
         self.bot_reactions: List[Dict[str, Any]] = []
         #: chat.postEphemeral calls: {"channel","user","text",...}
         self.ephemerals: List[Dict[str, Any]] = []
+        #: files by id, from files.getUploadURLExternal on: {"id","filename","title","length","alt_txt",
+        #: "data" (bytes once uploaded, else None),"completed","channels"}
+        self.files: Dict[str, Dict[str, Any]] = {}
+        #: each share of a file into a channel by files.completeUploadExternal, in order:
+        #: {"file_id","channel","filename","title","thread_ts","initial_comment","data","ts"}
+        self.shared_files: List[Dict[str, Any]] = []
         #: every envelope pushed over the socket, in order
         self.envelopes: List[Envelope] = []
         #: acks whose envelope_id matched nothing (or malformed frames)
@@ -202,6 +236,9 @@ class FakeSlack:
         self._rate_limits: Dict[str, List[int]] = {}  # method -> [remaining, retry_after]
         self._failures: Dict[str, List[Any]] = {}  # method -> [remaining (None: always), error]
         self._text_history: Dict[tuple, List[str]] = {}  # (channel, ts) -> texts, oldest first
+        self._upload_keys: Dict[str, str] = {}  # upload URL key -> file id
+        self._upload_failures: List[Any] = []  # [remaining (None: always), HTTP status] once fail_uploads()
+        self._file_counter = itertools.count(1)
         self._consumed_bot_messages: set = set()
         self._ws: Optional[web.WebSocketResponse] = None
         self._all_ws: List[web.WebSocketResponse] = []
@@ -222,6 +259,7 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._handle_api)
         app.router.add_get("/link", self._handle_ws)
         app.router.add_post("/respond/{envelope_id}", self._handle_respond)
+        app.router.add_post("/upload/v1/{key}", self._handle_upload)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -345,6 +383,12 @@ class FakeSlack:
 
     def clear_failures(self) -> None:
         self._failures.clear()
+        self._upload_failures = []
+
+    def fail_uploads(self, status: int = 500, times: Optional[int] = None) -> None:
+        """Answer the next ``times`` POSTs to an upload URL (None: every one, until
+        :meth:`clear_failures`) with HTTP ``status`` and a text/plain body; nothing is stored."""
+        self._upload_failures = [times, status]
 
     # ------------------------------------------------------------------
     # inspection helpers
@@ -361,6 +405,19 @@ class FakeSlack:
     def calls_to(self, method: str) -> List[ApiCall]:
         """All recorded calls of one Web API method (including 429-answered ones)."""
         return [c for c in self.calls if c.method == method]
+
+    def files_shared_to(self, channel: str) -> List[Dict[str, Any]]:
+        """The :attr:`shared_files` records of one channel, oldest first."""
+        return [f for f in self.shared_files if f["channel"] == channel]
+
+    def dm_with(self, user: str) -> str:
+        """The id of the bot's DM with ``user``, opened (``D<user>``) when there is none yet."""
+        for cid, info in self.channels.items():
+            if info.get("is_im") and info.get("user") == user:
+                return cid
+        dm = f"D{user}"
+        self.add_channel(dm, is_im=True, user=user)
+        return dm
 
     def get_message(self, channel: str, ts: str) -> Optional[Dict[str, Any]]:
         """The stored message (live dict, not a copy) or None."""
@@ -477,6 +534,16 @@ class FakeSlack:
         """Wait for the ``index``-th body that ``respond()`` POSTed to ``record``'s response_url."""
         await self.wait_for(lambda: len(record.responses) > index, timeout, f"respond() #{index} for {record.envelope_id}")
         return record.responses[index]
+
+    async def wait_shared_file(self, channel: Optional[str] = None, timeout: float = 10, *, index: int = 0) -> Dict[str, Any]:
+        """Wait for the ``index``-th file shared (files.completeUploadExternal) into ``channel``
+        (any if None); returns its :attr:`shared_files` record."""
+
+        def find() -> Optional[Dict[str, Any]]:
+            shared = [f for f in self.shared_files if channel is None or f["channel"] == channel]
+            return shared[index] if len(shared) > index else None
+
+        return await self.wait_for(find, timeout, f"file #{index} shared to {channel or 'any channel'}")
 
     # ------------------------------------------------------------------
     # simulated workspace activity (pushes envelopes to the app)
@@ -772,6 +839,31 @@ class FakeSlack:
         return web.Response(text="ok")
 
     # ------------------------------------------------------------------
+    # HTTP: upload URLs (step 2 of files_upload_v2)
+
+    async def _handle_upload(self, request: web.Request) -> web.Response:
+        """Store the bytes POSTed to an upload URL: the raw body, or a multipart form's file
+        field. Answers ``OK - <length>`` (text/plain) as files.slack.com does."""
+        file_id = self._upload_keys.get(request.match_info["key"])
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            part = next((v for v in form.values() if isinstance(v, web.FileField)), None)
+            data = part.file.read() if part is not None else b""
+        else:
+            data = await request.read()
+        failure = self._upload_failures
+        if failure and failure[0] != 0:
+            if failure[0] is not None:
+                failure[0] -= 1
+            return web.Response(status=failure[1], text="upload failed (fake)")
+        if file_id is None:
+            logger.warning("fake slack: upload to unknown URL %s", request.path)
+            return web.Response(status=404, text="file not found")
+        self.files[file_id]["data"] = data
+        await self._notify()
+        return web.Response(text=f"OK - {len(data)}")
+
+    # ------------------------------------------------------------------
     # HTTP: Web API
 
     @staticmethod
@@ -826,6 +918,9 @@ class FakeSlack:
             resp = {"ok": False, "error": "not_authed"}
         elif self.check_tokens and token != (self.APP_TOKEN if method == "apps.connections.open" else self.BOT_TOKEN):
             resp = {"ok": False, "error": "invalid_auth"}
+        elif self._needed_scope(method, args):
+            resp = {"ok": False, "error": "missing_scope", "needed": self._needed_scope(method, args),
+                    "provided": self.scopes}
         else:
             try:
                 resp = await handler(self, args)
@@ -833,7 +928,18 @@ class FakeSlack:
                 resp = {"ok": False, "error": e.error}
         call.response = resp
         await self._notify()
-        return web.json_response(resp, headers={"x-oauth-scopes": self.SCOPES, "x-accepted-oauth-scopes": ""})
+        return web.json_response(resp, headers={"x-oauth-scopes": self.scopes,
+                                                "x-accepted-oauth-scopes": self._needed_scope(method, args, True)})
+
+    def _needed_scope(self, method: str, args: Dict[str, Any], always: bool = False) -> str:
+        """The scope ``method`` needs that the token lacks ("" when none is missing); with
+        ``always``, the scope it needs whether or not the token has it."""
+        needed = self.REQUIRED_SCOPES.get(method, "")
+        if method in ("conversations.history", "conversations.replies"):
+            needed = self._HISTORY_SCOPES[_channel_type_for(str(args.get("channel") or ""))]
+        if always or not needed:
+            return needed
+        return "" if needed in self.scopes.split(",") else needed
 
     # --- individual methods (args -> response dict) --------------------
 
@@ -848,13 +954,7 @@ class FakeSlack:
         if not channel:
             raise _ApiError("channel_not_found")
         if user_opens_dm and channel in self.users:
-            # chat.postMessage(channel=<user id>) posts to the DM with that user
-            for cid, info in self.channels.items():
-                if info.get("is_im") and info.get("user") == channel:
-                    return cid
-            dm = f"D{channel}"
-            self.add_channel(dm, is_im=True, user=channel)
-            return dm
+            return self.dm_with(channel)  # chat.postMessage(channel=<user id>) posts to the DM with that user
         if channel not in self.channels:
             raise _ApiError("channel_not_found")
         return channel
@@ -1026,6 +1126,97 @@ class FakeSlack:
             raise _ApiError("user_not_found")
         return {"ok": True, "user": copy.deepcopy(user)}
 
+    async def _api_conversations_open(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        """Open or resume the DM with one user (``users``), or resume an IM by ``channel``."""
+        users = [u.strip() for u in str(args.get("users") or "").split(",") if u.strip()]
+        if not users:
+            channel = args.get("channel")
+            if not channel:
+                raise _ApiError("users_list_not_supplied")
+            if not self.channels.get(str(channel), {}).get("is_im"):
+                raise _ApiError("channel_not_found")
+            return {"ok": True, "no_op": True, "already_open": True, "channel": {"id": str(channel)}}
+        if len(users) > 1:
+            raise _ApiError("not_supported_by_fake")  # Slack: a multi-person DM (mpim)
+        user = self.users.get(users[0])
+        if user is None or user["deleted"]:
+            raise _ApiError("user_not_found" if user is None else "user_disabled")
+        known = any(i.get("is_im") and i.get("user") == users[0] for i in self.channels.values())
+        channel = self.dm_with(users[0])
+        extra = {"no_op": True, "already_open": True} if known else {}
+        body = copy.deepcopy(self.channels[channel]) if str(args.get("return_im")).lower() in ("1", "true") \
+            else {"id": channel}
+        return {"ok": True, **extra, "channel": body}
+
+    async def _api_files_get_upload_url_external(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        filename = self._require(args, "filename")
+        try:
+            length = int(self._require(args, "length"))
+        except (TypeError, ValueError):
+            raise _ApiError("invalid_arguments") from None
+        if length <= 0:
+            raise _ApiError("invalid_arguments")
+        file_id, key = f"F{next(self._file_counter):08d}", uuid.uuid4().hex
+        self._upload_keys[key] = file_id
+        self.files[file_id] = {"id": file_id, "filename": str(filename), "title": str(filename), "length": length,
+                               "alt_txt": args.get("alt_txt"), "data": None, "completed": False, "channels": []}
+        return {"ok": True, "upload_url": f"{self.base_url}/upload/v1/{key}", "file_id": file_id}
+
+    def _completed_files(self, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+        try:
+            items = json.loads(args["files"]) if isinstance(args.get("files"), str) else args.get("files")
+        except ValueError:
+            raise _ApiError("invalid_arguments") from None
+        if not isinstance(items, list) or not items or not all(isinstance(i, dict) and i.get("id") for i in items):
+            raise _ApiError("invalid_arguments")
+        for item in items:
+            f = self.files.get(str(item["id"]))
+            if f is None or f["data"] is None or f["completed"]:    # never uploaded, or completed before
+                raise _ApiError("file_not_found")
+        return items
+
+    async def _api_files_complete_upload_external(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        """Finish uploads: the files become the bot's, shared into ``channel_id`` / ``channels``
+        (each must exist; a user id means the DM with that user), or private when neither is given."""
+        items = self._completed_files(args)
+        channels = [self._require_channel({"channel": args["channel_id"]})] if args.get("channel_id") else []
+        channels += [self._require_channel({"channel": c.strip()}, user_opens_dm=True)     # ids of channels or users
+                     for c in str(args.get("channels") or "").split(",") if c.strip()]
+        thread_ts, comment = args.get("thread_ts") or None, args.get("initial_comment") or ""
+        if thread_ts and (len(channels) != 1 or self.get_message(channels[0], str(thread_ts)) is None):
+            raise _ApiError("invalid_arguments" if len(channels) != 1 else "message_not_found")
+        done = []
+        for item in items:
+            f = self.files[str(item["id"])]
+            f.update(completed=True, title=str(item.get("title") or f["filename"]), channels=channels)
+            done.append({"id": f["id"], "title": f["title"]})
+        for channel in channels:
+            await self._share_files(channel, [self.files[str(i["id"])] for i in items], comment, thread_ts)
+        await self._notify()
+        return {"ok": True, "files": done}
+
+    async def _share_files(self, channel: str, files: List[Dict[str, Any]], comment: str, thread_ts: Any) -> None:
+        """What Slack does with a completed upload in one channel: a ``file_share`` message by
+        the bot (echoed as an event), and a :attr:`shared_files` record per file."""
+        ts = self._next_ts()
+        msg: Dict[str, Any] = {
+            "type": "message", "subtype": "file_share", "user": self.BOT_USER_ID, "bot_id": self.BOT_ID,
+            "text": comment, "ts": ts, "team": self.TEAM_ID, "upload": True, "display_as_bot": False,
+            "files": [{"id": f["id"], "name": f["filename"], "title": f["title"], "size": len(f["data"]),
+                       "user": self.BOT_USER_ID, "mimetype": "image/png" if f["data"].startswith(b"\x89PNG")
+                       else "application/octet-stream"} for f in files],
+        }
+        if thread_ts:
+            msg["thread_ts"] = str(thread_ts)
+        self._store_message(channel, msg)
+        for f in files:
+            self.shared_files.append({"file_id": f["id"], "channel": channel, "filename": f["filename"],
+                                      "title": f["title"], "thread_ts": msg.get("thread_ts"),
+                                      "initial_comment": comment, "data": f["data"], "ts": ts})
+        if self.echo_bot_messages and self.connected:
+            await self.push_event({**copy.deepcopy(msg), "channel": channel, "event_ts": ts,
+                                   "channel_type": _channel_type_for(channel)})
+
     _METHODS: Dict[str, Callable[["FakeSlack", Dict[str, Any]], Any]] = {
         "auth.test": _api_auth_test,
         "apps.connections.open": _api_apps_connections_open,
@@ -1037,7 +1228,10 @@ class FakeSlack:
         "conversations.replies": _api_conversations_replies,
         "conversations.history": _api_conversations_history,
         "conversations.info": _api_conversations_info,
+        "conversations.open": _api_conversations_open,
         "users.info": _api_users_info,
+        "files.getUploadURLExternal": _api_files_get_upload_url_external,
+        "files.completeUploadExternal": _api_files_complete_upload_external,
     }
 
 
