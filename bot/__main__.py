@@ -4,6 +4,7 @@
     python -m bot --config my.toml      Discord and/or Slack, as `platforms` says
     python -m bot --check-config        validate the config and exit
     python -m bot --with-trainer        also start `python -m trainer` beside the bot
+    python -m bot --health-port 9321    also serve /healthz and /metrics there (bot/health.py)
     python -m bot backup PATH           copy the database to PATH, consistently, while the bot runs
 """
 
@@ -22,6 +23,7 @@ from bot import process
 process.quiet_threads()      # before torch loads (bot/process.py says why)
 
 from bot.config import Config, ConfigError, load_config  # noqa: E402
+from bot.health import HealthError  # noqa: E402
 from bot.models import ModelError  # noqa: E402
 
 log = logging.getLogger("bot")
@@ -32,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML config file (default: $REACTLEARN_CONFIG, else built-in defaults)")
     p.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
     p.add_argument("--with-trainer", action="store_true", help="start the trainer process beside the bot")
+    p.add_argument("--health-port", type=process.port_arg, metavar="PORT",
+                   help="serve /healthz and /metrics on this port (overrides health.bot_port; 0 = off)")
     commands = p.add_subparsers(dest="command", metavar="COMMAND", help="leave out to run the bot")
     b = commands.add_parser("backup", help="copy the database to PATH while the bot runs",
                             description="Copy the database (data_dir/reactlearn.sqlite3) to PATH with SQLite's "
@@ -55,21 +59,28 @@ async def serve(cfg: Config) -> None:
     from transformers.utils import logging as hf_logging
 
     from bot.chat import ChatCore
+    from bot.health import BotHealth, HealthServer
     from bot.policy import Policy
     from bot.store import Store
 
     hf_logging.disable_progress_bar()
     store = await Store.open(cfg.db_path, synchronous=cfg.storage.synchronous)
+    health = BotHealth(cfg, store)
+    server = HealthServer(health, cfg.health.host, cfg.health.bot_port, "health.bot_port")
     try:
+        if cfg.health.bot_port:
+            await server.start()             # first: a taken port fails before the model loads
         log.info("store %s ready; loading model %s", cfg.db_path, cfg.model.name)
         policy = await asyncio.to_thread(Policy.from_config, cfg)
         try:
-            core = ChatCore(cfg, store, policy)
+            core = ChatCore(cfg, store, policy, metrics=health)
             await core.sync_version()        # start on the registry's active version
+            health.core = core               # /healthz: the model is ready
             await run_platforms(cfg, core)
         finally:
             policy.close()
     finally:
+        await server.stop()
         await store.close()
 
 
@@ -122,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as e:
         return process.fail(f"config error: {e}")
+    if args.health_port is not None:
+        cfg.health.bot_port = args.health_port
     if args.command == "backup":
         return backup(cfg, args.path)
     if args.check_config:
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         pass
+    except HealthError as e:          # the health port is taken: one line, no traceback
+        return process.fail(str(e))
     except ModelError as e:           # a model folder that is missing or can't be read: no traceback
         return process.fail(f"cannot start: {str(e).rstrip('.')}. Fix model.name in the config.")
     except Exception as e:  # noqa: BLE001 - whatever it is, exit non-zero with one line (Restart=on-failure)

@@ -54,10 +54,11 @@ POST_TRIES = 5            # a trainer result that can't be posted (the channel i
 
 
 class ChatCore:
-    def __init__(self, cfg: Config, store: Store, policy: PolicyLike):
+    def __init__(self, cfg: Config, store: Store, policy: PolicyLike, metrics=None):
         self.cfg = cfg
         self.store = store
         self.policy = policy
+        self.metrics = metrics    # optional: .observe_reply(platform, seconds) for each reply sent (bot/health.py)
         self.rewards = RewardMap(cfg.rewards.emoji)
         self._recent: dict[tuple[str, str], deque] = defaultdict(deque)   # rate limit windows
         self._noticed: dict[tuple[str, str], float] = {}                   # when each person was last told
@@ -121,6 +122,7 @@ class ChatCore:
                 await send(f"You're writing faster than I can learn; try again in a minute "
                            f"(limit {self.cfg.chat.rate_limit_per_minute}/min).")
             return None
+        started = time.monotonic()
         message_row = await self.store.add_message(msg.platform, msg.message_id, msg.channel_id, msg.author_id,
                                                    msg.author_name, self._clip(msg.text))
         pacer = Pacer(stream) if stream is not None else None
@@ -138,6 +140,8 @@ class ChatCore:
             msg.platform, msg.channel_id, message_row, gen.version, gen.text, gen.prompt_ids, gen.output_ids,
             gen.logprobs, gen.temperature, gen.top_p, gen.max_new_tokens)
         platform_ids = await self._deliver(gen.text or EMPTY_TEXT, send, pacer)
+        if self.metrics is not None:
+            self.metrics.observe_reply(msg.platform, time.monotonic() - started)
         for pid in platform_ids:
             await self.store.link_reply_message(reply_id, msg.platform, pid)
         log.info("reply #%d on %s/%s by v%d: %d tokens in %.1fs%s", reply_id, msg.platform, msg.channel_id,

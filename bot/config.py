@@ -110,6 +110,16 @@ class StorageConfig:
 
 
 @dataclass
+class HealthConfig:
+    host: str = setting("127.0.0.1", "Address the /healthz and /metrics servers listen on. Loopback by default; "
+                        '"0.0.0.0" lets a Prometheus on another machine (or outside a container) reach them.')
+    bot_port: int = setting(0, "Port of the bot's /healthz and /metrics; 0 = off. 9321 is the usual choice "
+                            "(`python -m bot --health-port 9321` sets it too).")
+    trainer_port: int = setting(0, "Port of the trainer's /healthz and /metrics; 0 = off. 9322 is the usual choice "
+                                "(`python -m trainer --health-port 9322` sets it too).")
+
+
+@dataclass
 class Config:
     data_dir: str = setting("./data", "Folder holding the SQLite database and published model versions.")
     platforms: list | None = setting(None, 'Chat platforms to serve: [] for the console playground, or any of '
@@ -124,6 +134,7 @@ class Config:
     discord: DiscordConfig = setting(None, "Discord settings (token: DISCORD_TOKEN env).")
     slack: SlackConfig = setting(None, "Slack settings (tokens: SLACK_BOT_TOKEN, SLACK_APP_TOKEN env).")
     storage: StorageConfig = setting(None, "How the SQLite database is written.")
+    health: HealthConfig = setting(None, "The /healthz and /metrics HTTP servers (off by default).")
     trainer: dict = setting({}, "The trainer's section; validated by `python -m trainer --check-config`.")
     # Secrets: environment only, never from the file.
     discord_token: Secret = field(default=Secret(""), metadata={"env": "DISCORD_TOKEN"})
@@ -190,6 +201,11 @@ def _check(ok: bool, key: str, fix: str) -> None:
         raise ConfigError(f"'{key}': {fix}")
 
 
+def port_ok(port: int) -> bool:
+    """0 (off) or a TCP port."""
+    return 0 <= port <= 65535
+
+
 def validate(cfg: Config) -> Config:
     """Checks that go beyond types. Raises ConfigError naming the key and the fix."""
     cfg.platforms = list(cfg.platforms or [])
@@ -218,6 +234,12 @@ def validate(cfg: Config) -> Config:
     _check(cfg.storage.synchronous in SYNCHRONOUS, "storage.synchronous",
            f'use "NORMAL" (the default) or "FULL" (every committed vote survives power loss), got {raw_sync!r}.')
     _check(cfg.chat.max_message_chars >= 1, "chat.max_message_chars", "must be at least 1.")
+    _check(bool(cfg.health.host.strip()), "health.host", 'must be an address to listen on, like "127.0.0.1".')
+    for key in ("bot_port", "trainer_port"):
+        port = getattr(cfg.health, key)
+        _check(port_ok(port), f"health.{key}", f"must be 0 (off) or a port from 1 to 65535, got {port!r}.")
+    _check(not cfg.health.bot_port or cfg.health.bot_port != cfg.health.trainer_port, "health.trainer_port",
+           f"must differ from health.bot_port ({cfg.health.bot_port}): the bot and the trainer usually share a machine.")
     for emoji, value in cfg.rewards.emoji.items():
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and -1 <= value <= 1,
                f"rewards.emoji.{emoji}", f"value must be a number in [-1, 1], got {value!r}.")

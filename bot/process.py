@@ -15,6 +15,7 @@ be set before the first ``import torch``. A value already in the environment win
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -60,6 +61,17 @@ def fail(message: str, code: int = 2) -> int:
     """Print one line on stderr and return the exit code for ``sys.exit``."""
     print(message, file=sys.stderr)
     return code
+
+
+def port_arg(text: str) -> int:
+    """argparse type of ``--health-port``: 0 (off) or a TCP port."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a port from 1 to 65535, got {text!r}")
+    return port
 
 
 def writable_dir_problem(path: Path, setting: str) -> str:

@@ -361,6 +361,11 @@ class Store:
                 out.setdefault(r["reply_id"], []).append((r["user_id"], float(r["vote"])))
         return out
 
+    async def vote_values(self) -> dict[float, int]:
+        """Emoji value → how many vote rows hold it (for /metrics)."""
+        rows = await self._all("SELECT value, COUNT(*) AS n FROM votes GROUP BY value ORDER BY value")
+        return {float(r["value"]): int(r["n"]) for r in rows}
+
     async def votes_for(self, reply_id: int) -> list[tuple[str, str, float]]:
         rows = await self._all("SELECT user_id, emoji, value FROM votes WHERE reply_id = ? ORDER BY user_id, emoji",
                                (reply_id,))
@@ -457,6 +462,16 @@ class Store:
 
     async def rounds(self) -> list[dict]:
         return [dict(r) for r in await self._all("SELECT * FROM rounds ORDER BY id")]
+
+    async def round_statuses(self) -> dict[str, int]:
+        """Round status → how many rounds ended (or are running) with it (for /metrics)."""
+        rows = await self._all("SELECT status, COUNT(*) AS n FROM rounds GROUP BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    async def last_round(self, status: str) -> dict | None:
+        """The newest round with this status, or None."""
+        row = await self._one("SELECT * FROM rounds WHERE status = ? ORDER BY id DESC LIMIT 1", (status,))
+        return dict(row) if row else None
 
     async def last_trained_reply_id(self) -> int:
         """Highest reply id used by a published round (stored in the version metrics)."""

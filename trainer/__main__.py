@@ -1,6 +1,6 @@
 """python -m trainer: the learning loop, one round at a time.
 
-    python -m trainer [--config reactlearn.toml] [--check-config] [--once] [--help-config]
+    python -m trainer [--config reactlearn.toml] [--check-config] [--once] [--help-config] [--health-port PORT]
 
 - One trainer per data_dir: an flock on ``data_dir/trainer.lock``; a second one exits
   with a message and exit code 2.
@@ -14,6 +14,10 @@
   with the round's summary ("v7 published: ..." / "v7 rejected: ...") or "failed".
 - Otherwise every ``interval_seconds``: a round when at least ``min_new_ratings``
   settled rated replies arrived since the last published (or rejected/failed) round.
+- Health: with ``health.trainer_port`` (or ``--health-port``) set, ``/healthz`` (the store
+  answers, the heartbeat is fresh) and ``/metrics`` (rounds by status, the last published
+  round's KL and mean reward, heartbeat age) on ``health.host`` (bot/health.py). A port that
+  is taken is one line on stderr and exit code 2.
 - SIGTERM/SIGINT: the round in flight stops at its next step and publishes nothing; its
   train requests go back to "pending", so the next start serves them. Exit code 0.
   A second signal exits at once.
@@ -104,8 +108,12 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.store = store = await Store.open(self.cfg.db_path, synchronous=self.cfg.storage.synchronous)
-        beat = asyncio.create_task(self._heartbeat())
+        beat = health = None
         try:
+            health, problem = await self._start_health()
+            if problem:
+                return process.fail(problem)
+            beat = asyncio.create_task(self._heartbeat())
             await clean_stale(store, self.cfg.versions_dir)
             for req in await store.train_requests("running"):
                 await store.set_request_status(req["id"], "failed", "the trainer stopped unexpectedly during this "
@@ -132,11 +140,29 @@ class Trainer:
                 except asyncio.TimeoutError:
                     pass
         finally:
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
+            if beat is not None:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+            if health is not None:
+                await health.stop()
             await store.close()
         log.info("trainer stopped")
         return 0
+
+    async def _start_health(self):
+        """(the /healthz and /metrics server, '') when health.trainer_port is set, (None, '') when
+        it is 0, (None, one line) when it can't listen. bot.health (aiohttp) loads only when set."""
+        if not self.cfg.health.trainer_port:
+            return None, ""
+        from bot.health import HealthError, HealthServer, TrainerHealth
+
+        server = HealthServer(TrainerHealth(self.store, self.tcfg.heartbeat_seconds), self.cfg.health.host,
+                              self.cfg.health.trainer_port, "health.trainer_port")
+        try:
+            await server.start()
+        except HealthError as e:
+            return None, str(e)
+        return server, ""
 
     async def _heartbeat(self) -> None:
         while True:
@@ -213,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     "or built-in defaults)")
     ap.add_argument("--check-config", action="store_true", help="validate the config (incl. [trainer]) and exit")
     ap.add_argument("--once", action="store_true", help="serve pending requests or run one due round, then exit")
+    ap.add_argument("--health-port", type=process.port_arg, metavar="PORT", help="serve /healthz and /metrics on "
+                    "this port (overrides health.trainer_port; 0 = off)")
     ap.add_argument("--help-config", action="store_true", help="print every [trainer] setting with its default "
                     "and help, as TOML, and exit")
     args = ap.parse_args(argv)
@@ -224,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         tcfg = load_trainer_config(cfg)
     except ConfigError as e:
         return process.fail(f"config error: {e}")
+    if args.health_port is not None:
+        cfg.health.trainer_port = args.health_port
     if args.check_config:
         print(f"config OK: data_dir {cfg.data_dir}, model {cfg.model.name}, trainer "
               f"{'full fine-tune' if tcfg.full_finetune else f'LoRA r={tcfg.lora_rank}'}, lr {tcfg.lr:g}, "
