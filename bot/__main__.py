@@ -130,7 +130,7 @@ def backup(cfg: Config, dest: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, need_secrets=args.command != "backup")   # a backup connects to no chat
     except ConfigError as e:
         return process.fail(f"config error: {e}")
     if args.health_port is not None:

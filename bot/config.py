@@ -206,16 +206,23 @@ def port_ok(port: int) -> bool:
     return 0 <= port <= 65535
 
 
-def validate(cfg: Config) -> Config:
-    """Checks that go beyond types. Raises ConfigError naming the key and the fix."""
-    cfg.platforms = list(cfg.platforms or [])
-    for p in cfg.platforms:
-        _check(p in PLATFORMS, "platforms", f"unknown platform {p!r}; use any of {list(PLATFORMS)} or [] for the console.")
+def _check_tokens(cfg: Config) -> None:
     if "discord" in cfg.platforms:
         _check(bool(cfg.discord_token), "platforms", "discord is chosen but DISCORD_TOKEN is not set in the environment.")
     if "slack" in cfg.platforms:
         _check(bool(cfg.slack_bot_token) and bool(cfg.slack_app_token), "platforms",
                "slack is chosen but SLACK_BOT_TOKEN and SLACK_APP_TOKEN must both be set in the environment.")
+
+
+def validate(cfg: Config, *, need_secrets: bool = True) -> Config:
+    """Checks that go beyond types. Raises ConfigError naming the key and the fix.
+    ``need_secrets=False``: the chosen platforms' tokens may be absent (the trainer and
+    ``python -m bot backup`` read the same file but never connect to a chat)."""
+    cfg.platforms = list(cfg.platforms or [])
+    for p in cfg.platforms:
+        _check(p in PLATFORMS, "platforms", f"unknown platform {p!r}; use any of {list(PLATFORMS)} or [] for the console.")
+    if need_secrets:
+        _check_tokens(cfg)
     _check(cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "use DEBUG, INFO, WARNING or ERROR.")
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "use float32 or bfloat16.")
     _check(cfg.model.max_context_tokens >= 32, "model.max_context_tokens", "must be at least 32.")
@@ -246,8 +253,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: Path | None = None, env: dict | None = None) -> Config:
-    """Read the TOML file (if any), take secrets from ``env`` (default os.environ), validate."""
+def load_config(path: Path | None = None, env: dict | None = None, *, need_secrets: bool = True) -> Config:
+    """Read the TOML file (if any), take secrets from ``env`` (default os.environ), validate
+    (``need_secrets``: as in :func:`validate`)."""
     env = os.environ if env is None else env
     if path is None and env.get(CONFIG_ENV):
         path = Path(env[CONFIG_ENV])
@@ -267,4 +275,4 @@ def load_config(path: Path | None = None, env: dict | None = None) -> Config:
     if cfg.platforms is None:   # not in the file: serve whatever has tokens, else the console
         cfg.platforms = (["discord"] if cfg.discord_token else []) + \
                         (["slack"] if cfg.slack_bot_token and cfg.slack_app_token else [])
-    return validate(cfg)
+    return validate(cfg, need_secrets=need_secrets)

@@ -137,3 +137,16 @@ def test_platforms_follow_the_tokens_unless_set(tmp_path, env, expected):
     path = tmp_path / "console.toml"
     path.write_text("platforms = []\n")
     assert load_config(path, env=env).platforms == []          # an explicit [] keeps the console
+
+
+def test_only_the_bot_needs_the_chat_tokens(tmp_path, tiny_model_dir):
+    """A config that names Discord: the bot refuses to start without DISCORD_TOKEN, the
+    trainer (which never connects to a chat) and `python -m bot backup` do not need it."""
+    config = write_config(tmp_path, tiny_model_dir, extra="")
+    config.write_text('platforms = ["discord"]\n' + config.read_text())
+    bot = run_bot(["--config", str(config), "--check-config"])
+    assert bot.returncode == 2 and "DISCORD_TOKEN is not set" in bot.stderr
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    trainer = subprocess.run([sys.executable, "-m", "trainer", "--config", str(config), "--check-config"],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert trainer.returncode == 0, trainer.stderr

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config_help())
         return 0
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, need_secrets=False)     # the trainer never connects to a chat
         tcfg = load_trainer_config(cfg)
     except ConfigError as e:
         return process.fail(f"config error: {e}")
