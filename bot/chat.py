@@ -243,11 +243,33 @@ class ChatCore:
             target = str(c.args.get("user") or c.user_id)
             if target != c.user_id and not admin:
                 return CommandResult("You can only forget yourself; admins can forget others.", ok=False)
-            gone = await self.store.forget_user(c.platform, target)
-            return CommandResult(f"Forgot user {target}: {gone['messages']} messages, {gone['replies']} replies, "
-                                 f"{gone['votes']} votes deleted.", ok=True)
+            return CommandResult(await self.forget(c, target), ok=True)
         return CommandResult(f"Unknown command {c.typed(c.name)}. "
                              f"Try retrain, status, rollback or forget.", ok=False)
+
+    async def forget(self, c: Command, target: str) -> str:
+        """Delete ``target``'s data (``Store.forget_user``) and say what went, and which published
+        versions were trained on it, with the newest earlier version an admin can roll back to."""
+        gone = await self.store.forget_user(c.platform, target)
+        log.info("forget: %d messages, %d replies (%d to others), %d votes (%d by others) deleted; "
+                 "versions trained on them: %s", gone["messages"], gone["replies"], gone["replies_to_others"],
+                 gone["votes"], gone["other_votes"], gone["trained"] or "none")
+        text = (f"Forgot user {target}: {gone['messages']} messages, {gone['replies']} replies, "
+                f"{gone['votes']} votes deleted.")
+        if gone["replies_to_others"]:
+            text += (f" {gone['replies_to_others']} of the replies answered other people in channels where they "
+                     f"wrote (their words may have been in the context), with {_n(gone['other_votes'], 'vote')} "
+                     "on them.")
+        if not gone["trained"]:
+            return text + " No published version was trained on their data."
+        text += f" Versions trained on their data: {_version_list(gone['trained'])}."
+        for vid in gone["untouched"]:
+            v = await self.store.get_version(vid)
+            if v is not None and (v.path is None or Path(v.path).exists()):
+                older = "the base model" if vid == 0 else f"v{vid}"
+                return text + (f" An admin can {c.typed('rollback')} {vid} to serve {older}, the newest version "
+                               "made before their data.")
+        return text
 
     async def rollback(self, version, c: Command) -> CommandResult:
         status = c.typed("status")
@@ -404,3 +426,15 @@ class ChatCore:
             except Exception:  # noqa: BLE001 - keep polling; the next tick may succeed
                 log.exception("background poll failed")
             await asyncio.sleep(self.cfg.serving.poll_seconds)
+
+
+def _version_list(ids: list[int], most: int = 8) -> str:
+    """``[3, 4]`` → "v3, v4"; a long list keeps its ends: "v3, v4, v5, … v40, v41 (20 versions)"."""
+    names = [f"v{i}" for i in ids]
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:3])}, … {', '.join(names[-2:])} ({len(names)} versions)"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

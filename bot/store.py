@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from typing import Any, Iterable
 import aiosqlite
 
 from bot.config import SYNCHRONOUS
+
+# aiosqlite logs every call at DEBUG with its SQL and parameters (people's messages, ids): never
+# let those reach a log, whatever level the root logger is set to.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 MIGRATIONS: list[str] = [
     # 1: the chat log, the recorded generations, votes, train requests, model versions
@@ -496,25 +501,63 @@ class Store:
 
     # -- deletion -------------------------------------------------------------
 
-    async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
-        """Delete a user's messages, the replies that answered them (their prompts hold the
-        user's words), and the user's votes. Returns how many rows of each went."""
+    async def forget_user(self, platform: str, user_id: str) -> dict[str, Any]:
+        """Delete everything stored of one person on one platform, in one transaction:
+
+        * their messages;
+        * every reply whose prompt may hold their words: the replies that answered them, and
+          every later reply in a channel where they wrote (its prompt's context turns are the
+          channel's recent messages, theirs among them; the store keeps no finer record, so it
+          deletes all that could). Votes on those replies go with them (ON DELETE CASCADE);
+        * their votes on any reply;
+        * their id on the train requests they made (it becomes ``FORGOTTEN``).
+
+        Returns the counts (``messages``, ``replies``, ``replies_to_others``, ``votes``: theirs,
+        ``other_votes``: others' votes on the deleted replies), ``trained``: the published
+        versions (ids, oldest first) made after their earliest deleted row, so whose training
+        (rated replies, the reward model's votes, explored prompts, or a parent's weights) may
+        have used it, and ``untouched``: the published versions made before it, newest first
+        (0, the base model, last)."""
+        who = {"platform": platform, "user": user_id}
+        gone = f"SELECT r.id FROM replies r WHERE {_FORGET_REPLIES}"
         async with self.transaction():
-            ids = [r["id"] for r in await self._all(
-                "SELECT id FROM messages WHERE platform = ? AND author_id = ?", (platform, user_id))]
-            marks = ",".join("?" * len(ids))
-            replies = 0
-            if ids:
-                async with self.db.execute(f"DELETE FROM replies WHERE message_id IN ({marks})", ids) as cur:
-                    replies = cur.rowcount
-            async with self.db.execute(
-                    "DELETE FROM votes WHERE user_id = ? AND reply_id IN (SELECT id FROM replies WHERE platform = ?)",
-                    (user_id, platform)) as cur:
-                votes = cur.rowcount
-            async with self.db.execute("DELETE FROM messages WHERE platform = ? AND author_id = ?",
-                                       (platform, user_id)) as cur:
-                messages = cur.rowcount
-        return {"messages": messages, "replies": replies, "votes": votes}
+            sizes = (await self.db.execute_fetchall(
+                "SELECT (SELECT COUNT(*) FROM messages WHERE platform = :platform AND author_id = :user) AS messages,"
+                f" (SELECT COUNT(*) FROM replies r WHERE {_FORGET_REPLIES}) AS replies,"
+                f" (SELECT COUNT(*) FROM replies r WHERE {_FORGET_REPLIES} AND (r.message_id IS NULL OR"
+                "   r.message_id NOT IN (SELECT id FROM messages WHERE platform = :platform AND author_id = :user)))"
+                "   AS replies_to_others,"
+                f" (SELECT COUNT(*) FROM votes WHERE user_id = :user AND reply_id IN ({_PLATFORM_REPLIES})) AS votes,"
+                f" (SELECT COUNT(*) FROM votes WHERE user_id != :user AND reply_id IN ({gone})) AS other_votes,"
+                " (SELECT MIN(t) FROM ("
+                "   SELECT MIN(created_at) AS t FROM messages WHERE platform = :platform AND author_id = :user"
+                f"  UNION ALL SELECT MIN(r.created_at) FROM replies r WHERE {_FORGET_REPLIES}"
+                f"  UNION ALL SELECT MIN(created_at) FROM votes WHERE user_id = :user AND reply_id IN ({_PLATFORM_REPLIES})"
+                " )) AS earliest", who))[0]
+            out: dict[str, Any] = {k: sizes[k] for k in ("messages", "replies", "replies_to_others", "votes",
+                                                         "other_votes")}
+            await self.db.execute(f"DELETE FROM votes WHERE user_id = :user AND reply_id IN ({_PLATFORM_REPLIES})", who)
+            await self.db.execute(f"DELETE FROM replies WHERE id IN ({gone})", who)
+            await self.db.execute("DELETE FROM messages WHERE platform = :platform AND author_id = :user", who)
+            await self.db.execute("UPDATE train_requests SET requested_by = :gone"
+                                  " WHERE platform = :platform AND requested_by = :user", {**who, "gone": FORGOTTEN})
+            earliest = sizes["earliest"]
+            published = await self._all("SELECT id, created_at FROM model_versions WHERE status = 'published'"
+                                        " ORDER BY id")
+        out["trained"] = [v["id"] for v in published
+                          if earliest is not None and v["id"] > 0 and v["created_at"] >= earliest]
+        out["untouched"] = [v["id"] for v in published[::-1] if v["id"] not in out["trained"]]
+        return out
+
+
+# The replies /forget deletes (see Store.forget_user), as a condition on ``replies r`` with the
+# named parameters :platform and :user.
+_FORGET_REPLIES = (
+    "r.platform = :platform AND (r.message_id IN (SELECT id FROM messages WHERE platform = :platform AND author_id = :user)"
+    " OR EXISTS (SELECT 1 FROM messages m WHERE m.platform = :platform AND m.author_id = :user"
+    " AND m.channel_id = r.channel_id AND m.created_at <= r.created_at))")
+_PLATFORM_REPLIES = "SELECT id FROM replies WHERE platform = :platform"
+FORGOTTEN = "(forgotten)"   # what a forgotten person's id becomes where a row must stay (train requests)
 
 
 def _version(r: aiosqlite.Row) -> Version:

@@ -1,11 +1,13 @@
 """The store on a real SQLite file: migrations, round trips, reward SQL, forget."""
 
+import asyncio
+import logging
 import sqlite3
 
 import pytest
 
 from bot.rewards import reply_reward
-from bot.store import MIGRATIONS, Store
+from bot.store import FORGOTTEN, MIGRATIONS, Store
 
 EXPECTED_TABLES = {
     "messages": ["id", "platform", "platform_message_id", "channel_id", "author_id", "author_name", "text",
@@ -24,9 +26,9 @@ EXPECTED_TABLES = {
 }
 
 
-async def add_reply(store, msg_author="u1", platform="discord", pid="m1", text="hi"):
-    mid = await store.add_message(platform, pid, "c1", msg_author, msg_author, text)
-    rid = await store.add_reply(platform, "c1", mid, 0, "hello!", [1, 2, 3], [4, 5], [-0.5, -1.25], 0.8, 0.95, 12)
+async def add_reply(store, msg_author="u1", platform="discord", pid="m1", text="hi", channel="c1"):
+    mid = await store.add_message(platform, pid, channel, msg_author, msg_author, text)
+    rid = await store.add_reply(platform, channel, mid, 0, "hello!", [1, 2, 3], [4, 5], [-0.5, -1.25], 0.8, 0.95, 12)
     await store.link_reply_message(rid, platform, f"r-{pid}")
     return rid
 
@@ -125,14 +127,63 @@ async def test_train_requests_lifecycle(store):
 
 async def test_forget_user_deletes_their_messages_replies_and_votes(store):
     mine = await add_reply(store, msg_author="alice", pid="m1")
-    theirs = await add_reply(store, msg_author="bob", pid="m2")
+    theirs = await add_reply(store, msg_author="bob", pid="m2", channel="c2")
     await store.set_vote(theirs, "alice", "👍", 1.0)
     await store.set_vote(theirs, "bob", "👍", 1.0)
     await store.set_vote(mine, "bob", "👎", -1.0)
     gone = await store.forget_user("discord", "alice")
-    assert gone == {"messages": 1, "replies": 1, "votes": 1}
+    assert gone == {"messages": 1, "replies": 1, "replies_to_others": 0, "votes": 1, "other_votes": 1,
+                    "trained": [], "untouched": [0]}
     assert await store.get_reply(mine) is None
     assert await store.votes_for(theirs) == [("bob", "👍", 1.0)]
     assert await store.reply_for_message("discord", "r-m1") is None   # cascade
     left = await store._all("SELECT author_id FROM messages")
     assert [r["author_id"] for r in left] == ["bob"]
+
+
+async def test_forget_user_deletes_later_replies_in_their_channels_and_names_the_versions(store):
+    """A reply's prompt holds the channel's recent messages as context: every reply in a channel
+    after the person first wrote there goes; earlier ones, other channels and platforms stay."""
+    async def later(what):      # rows are stamped with time.time(): keep their order strict
+        await asyncio.sleep(0.005)
+        return await what
+
+    await store.add_version(1, 0, "/v1", "aa", "published", {}, activate=True)
+    before = await later(add_reply(store, msg_author="carol", pid="m0"))         # c1, before alice spoke
+    mine = await later(add_reply(store, msg_author="alice", pid="m1"))
+    after = await later(add_reply(store, msg_author="dave", pid="m2"))           # c1, alice's words in context
+    elsewhere = await add_reply(store, msg_author="dave", pid="m3", channel="c2")
+    slack = await add_reply(store, msg_author="alice", pid="m4", platform="slack")
+    await store.set_vote(after, "dave", "👍", 1.0)
+    await store.set_vote(before, "alice", "👍", 1.0)
+    await asyncio.sleep(0.005)
+    await store.add_version(2, 1, "/v2", "bb", "published", {}, activate=True)
+    await store.add_version(3, 2, None, None, "rejected", {}, reason="KL")
+    await store.add_train_request("discord", "c1", "alice")
+    gone = await store.forget_user("discord", "alice")
+    assert gone == {"messages": 1, "replies": 2, "replies_to_others": 1, "votes": 1, "other_votes": 1,
+                    "trained": [2], "untouched": [1, 0]}
+    assert [await store.get_reply(r) is None for r in (before, mine, after, elsewhere, slack)] == \
+        [False, True, True, False, False]
+    assert await store.votes_for(before) == []
+    assert [r["requested_by"] for r in await store.train_requests()] == [FORGOTTEN]
+    left = await store._all("SELECT platform, author_id FROM messages ORDER BY id")
+    assert [tuple(r) for r in left] == [("discord", "carol"), ("discord", "dave"), ("discord", "dave"),
+                                          ("slack", "alice")]     # others' messages stay: their words
+    # forgetting again finds nothing, and no version holds nothing
+    assert await store.forget_user("discord", "alice") == {
+        "messages": 0, "replies": 0, "replies_to_others": 0, "votes": 0, "other_votes": 0,
+        "trained": [], "untouched": [2, 1, 0]}
+
+
+async def test_sql_and_its_parameters_never_reach_a_log(tmp_path, caplog):
+    """aiosqlite logs each call's SQL and parameters at DEBUG; the store keeps that out of logs
+    even with the root logger at DEBUG."""
+    caplog.set_level(logging.DEBUG)
+    store = await Store.open(tmp_path / "db.sqlite3")
+    try:
+        await add_reply(store, msg_author="alice", text="my zorblatting secret")
+        await store.forget_user("discord", "alice")
+    finally:
+        await store.close()
+    assert "zorblatting" not in caplog.text and "INSERT" not in caplog.text and "alice" not in caplog.text

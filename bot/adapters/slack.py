@@ -114,8 +114,8 @@ if not any(isinstance(f, RedactTokens) for f in BOLT_LOGGER.filters):
 _PLAIN_NAME = re.compile(r"^[a-z0-9_+\-']+$")
 _USER_ARG = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$|^([UW][A-Z0-9]{2,})$")
 USAGE = ("Usage: {cmd} retrain | status | rollback VERSION | forget [@user]\n"
-         "retrain and rollback are for admins; forget deletes your own messages and votes "
-         "(admins: anyone's).")
+         "retrain and rollback are for admins; forget deletes your own messages, votes and the "
+         "replies that may hold your words (admins: anyone's).")
 
 
 def escape(text: str) -> str:
