@@ -28,7 +28,7 @@ def contains(haystack: list[int], needle: list[int]) -> bool:
 async def test_forget_removes_their_words_everywhere_and_names_the_versions_trained_on_them(
         tmp_path, tiny_model_dir, store_for, caplog):
     caplog.set_level(logging.DEBUG)       # every logger, the root too: their words must not show at any level
-    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1, "max_user_share": 1.0},
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"epochs": 1, "max_user_share": 1.0, "punish_degenerate": False},
                       model={"name": str(tiny_model_dir), "system_prompt": "Be brief.", "max_context_tokens": 256},
                       serving={"engine": "torch"}, chat={"rate_limit_per_minute": 0})
     tcfg = trainer_config(cfg)

@@ -247,9 +247,11 @@ async def _explore(r: _Round, cand: Candidate) -> RoundResult | None:
     r.lap("explore")
     if max(abs(e.advantage) for e in r.examples + r.explored) < 1e-6:
         n = len(r.examples)
+        why = ("the reward model is off" if not t.reward_model else
+               f"no reward model could be fitted ({r.rm_report['rm_skipped']})" if "rm_skipped" in r.rm_report else
+               f"the reward model is not trusted yet (cross-validated AUC {r.rm_report.get('rm_cv_auc')})")
         return RoundResult("skipped", n_replies=n, mean_reward=r.mean_reward,
-                           reason=f"all {n} rated replies have the same reward ({r.mean_reward:+.2f}) and no "
-                                  f"reward model could be fitted ({r.rm_report.get('rm_skipped', 'off')}); "
+                           reason=f"all {n} rated replies have the same reward ({r.mean_reward:+.2f}) and {why}; "
                                   f"nothing to learn with the '{t.baseline}' baseline")
     return None
 
