@@ -84,9 +84,11 @@ class TrainerConfig:
     max_empty_share: float = setting(0.25, "Gate: at most this share of probe replies may be empty.")
     max_spam_share: float = setting(0.125, "Gate: at most this share of probe replies may hold 5+ emoji/symbol "
                                     "characters (0.125 = one of the 8 probes).")
-    max_nll_increase: float = setting(0.3, "Gate: the base model's NLL per token of the candidate's probe replies "
+    max_nll_increase: float = setting(0.5, "Gate: the base model's NLL per token of the candidate's probe replies "
                                       "may exceed its NLL of its own probe replies by at most this many nats "
-                                      "(the candidate must not talk in ways the base finds unlikely).")
+                                      "(the candidate must not talk in ways the base finds unlikely). 8 probes are "
+                                      "noisy: a candidate 0.002 nat/token from the base measured +0.15, and 0.3 "
+                                      "rejected a round of the '!' simulation (docs/LEARNING.md).")
     min_length_ratio: float = setting(0.5, "Gate: the candidate's probe replies must average at least this share "
                                       "of the base model's probe replies' length in words.")
     probe_max_new_tokens: int = setting(48, "Tokens sampled per probe prompt for the gates.")
