@@ -64,11 +64,11 @@ def defang(text: str, specials: list[str]) -> str:
     return text
 
 
-def render_turns(tokenizer, system_prompt: str, turns: list[Turn]) -> list[int]:
+def render_turns(tokenizer, system_prompt: str, turns: list[Turn], specials: list[str] | None = None) -> list[int]:
     """Prompt ids for ``turns``: the chat template over exactly the turns the bot built.
     What people wrote (text and display names) can never become a control token, so nobody
     can open a system turn or end theirs by typing ``<|im_start|>system``."""
-    specials = special_strings(tokenizer)
+    specials = special_strings(tokenizer) if specials is None else specials
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for t in turns:
         text = defang(t.text, specials)
@@ -97,6 +97,7 @@ class Policy:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.system_prompt = system_prompt
+        self._specials = special_strings(tokenizer)   # once: build_prompt renders several times per reply
         self.max_context_tokens = max_context_tokens
         self.queue_size, self.batch_size = queue_size, batch_size
         self.active_version = 0
@@ -148,7 +149,7 @@ class Policy:
     # -- prompts --------------------------------------------------------------
 
     def _render(self, turns: list[Turn]) -> list[int]:
-        return render_turns(self.tokenizer, self.system_prompt, turns)
+        return render_turns(self.tokenizer, self.system_prompt, turns, self._specials)
 
     def build_prompt(self, turns: list[Turn]) -> list[int]:
         """Token ids of the prompt: the newest turns that fit in the budget.
