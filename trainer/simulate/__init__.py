@@ -19,8 +19,9 @@ A round:
      of the crowd vote by a random taste of their own; ``--late`` of the votes arrive only
      at the next round (after that round's replies were trained on). Votes are platform
      reactions on the reply's fake message id, through the chat core.
-  3. One training round over this round's replies (``--train-on round``, the default) or
-     the newest ``window`` rated replies (``--train-on all``); then the bot hot-swaps.
+  3. One training round over the newest ``window`` rated replies, as the product trains
+     (``--train-on all``, the default), or this round's replies only (``--train-on round``,
+     which the dense runs before the sparse-votes work used); then the bot hot-swaps.
 Evaluation: before round 1 the base model also answers ``--eval-extra`` more prompts
 (unvoted); after the last round the last version answers round 1's prompts and those
 again (votes, no training), so base and last version compare on the same prompts

@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", type=Path, help="a reactlearn TOML file ([trainer] etc.); default: built-in defaults")
     ap.add_argument("--out", type=Path, default=Path("sim_out"), help="folder for simulate.json and the PNG")
     ap.add_argument("--data-dir", type=Path, help="keep the database and versions here (default: a temp folder)")
-    ap.add_argument("--train-on", choices=("round", "all"), default="round",
-                    help="round: learn from this round's replies only (window = --replies); "
-                         "all: the newest [trainer] window rated replies (default round)")
+    ap.add_argument("--train-on", choices=("round", "all"), default="all",
+                    help="all: the newest [trainer] window rated replies, as the product trains "
+                         "(default); round: this round's replies only (window = --replies)")
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation round")
     ap.add_argument("--eval-extra", type=int, default=32,
                     help="prompts beyond round 1's that the evaluation also asks, the base model before round 1 "
