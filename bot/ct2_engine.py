@@ -198,11 +198,11 @@ class CT2Engine:
         if not (folder / "model.bin").is_file():
             model = self._fp32_base()
             if files.kind == "full":
-                versions.load_full_weights(model, files.state, label)
+                versions.load_full_weights(model, files.state, str(files.path))
             else:
                 with warnings.catch_warnings():     # peft notes the base folder's name differs: expected here
                     warnings.simplefilter("ignore", UserWarning)
-                    model = versions.add_adapter(model, files, "default", label).merge_and_unload()
+                    model = versions.add_adapter(model, files, "default", str(files.path)).merge_and_unload()
             convert(model, self.tokenizer, folder, self.temperature)
             del model
         self._generators[version] = self._load(folder)

@@ -112,13 +112,13 @@ class TorchEngine:
     # -- versions ---------------------------------------------------------------
 
     def install(self, version: int, files: versions.VersionFiles) -> None:
-        label = f"v{version}"
+        label = f"v{version}"                       # the adapter's name; errors name the folder
         if files.kind == "full":
             model = type(self.base)(self.base.config).to(next(self.base.parameters()).dtype)
-            versions.load_full_weights(model, files.state, label)
+            versions.load_full_weights(model, files.state, str(files.path))
             self._full_models[version] = model.eval()
         else:
-            self.model = versions.add_adapter(self.model, files, label, label).eval()
+            self.model = versions.add_adapter(self.model, files, label, str(files.path)).eval()
         self._kinds[version] = files.kind
 
     def seed(self, value: int) -> None:

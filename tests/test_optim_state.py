@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bot import versions
 from bot.models import sha256_file
 from tests.trainer_helpers import tiny_config, trainer_config
 from tests.test_trainer_learning import seed_preferences
@@ -77,12 +78,24 @@ def test_read_optimizer_checks_the_sha256(tmp_path):
     _step(a, opt_a, torch.randn(2, 4))
     save_file(export_adam(a, opt_a), str(tmp_path / OPTIMIZER_FILE))
     sha = sha256_file(tmp_path / OPTIMIZER_FILE)
-    state, why = read_optimizer(tmp_path, sha)
+    state, why = read_optimizer(tmp_path, sha, a)
     assert why == "" and set(state) == set(export_adam(a, opt_a))
-    assert read_optimizer(tmp_path, None) == (None, f"the version has no {OPTIMIZER_FILE}")
-    assert read_optimizer(tmp_path, "0" * 64)[1] == f"{OPTIMIZER_FILE} does not match its sha256"
+    assert read_optimizer(tmp_path, None, a) == (None, f"the version has no {OPTIMIZER_FILE}")
+    assert read_optimizer(tmp_path, "0" * 64, a)[1] == f"{OPTIMIZER_FILE} does not match its sha256"
     (tmp_path / OPTIMIZER_FILE).unlink()
-    assert read_optimizer(tmp_path, sha)[1] == f"{OPTIMIZER_FILE} is missing"
+    assert read_optimizer(tmp_path, sha, a)[1] == f"{OPTIMIZER_FILE} is missing"
+
+
+def test_an_optimizer_file_bigger_than_the_model_s_state_is_refused_unread(tmp_path):
+    a, opt_a = _model_and_opt()
+    _step(a, opt_a, torch.randn(2, 4))
+    save_file(export_adam(a, opt_a), str(tmp_path / OPTIMIZER_FILE))
+    limit = versions.max_optimizer_bytes(a)
+    assert (tmp_path / OPTIMIZER_FILE).stat().st_size <= limit          # the real state fits its bound
+    with open(tmp_path / OPTIMIZER_FILE, "wb") as f:                    # a sparse file one byte over it
+        f.truncate(limit + 1)
+    state, why = read_optimizer(tmp_path, sha256_file(tmp_path / OPTIMIZER_FILE), a)
+    assert state is None and f"{OPTIMIZER_FILE} is {limit + 1:,} bytes" in why and "refusing it unread" in why
 
 
 async def test_the_next_round_continues_the_parents_optimizer(tmp_path, tiny_model_dir, store_for):
@@ -98,7 +111,8 @@ async def test_the_next_round_continues_the_parents_optimizer(tmp_path, tiny_mod
     v1 = Path((await store.get_version(r1.version)).path)
     meta = json.loads((v1 / "meta.json").read_text())
     assert meta["optimizer_sha256"] == sha256_file(v1 / OPTIMIZER_FILE)
-    steps_v1 = read_optimizer(v1, meta["optimizer_sha256"])[0]
+    trainable = learner.candidate(await store.get_version(r1.version), seed=0).model
+    steps_v1 = read_optimizer(v1, meta["optimizer_sha256"], trainable)[0]
     first = next(k for k in steps_v1 if k.endswith(".step"))
     assert float(steps_v1[first]) == meta["metrics"]["steps"] > 0
 
@@ -107,7 +121,7 @@ async def test_the_next_round_continues_the_parents_optimizer(tmp_path, tiny_mod
     v2 = Path((await store.get_version(r2.version)).path)
     meta2 = json.loads((v2 / "meta.json").read_text())
     assert meta2["metrics"]["start"] == f"continuing v{r1.version} (lora), its optimizer state"
-    steps_v2 = read_optimizer(v2, meta2["optimizer_sha256"])[0]
+    steps_v2 = read_optimizer(v2, meta2["optimizer_sha256"], trainable)[0]
     assert float(steps_v2[first]) == float(steps_v1[first]) + meta2["metrics"]["steps"]
 
     # a tampered optimizer file only means a fresh optimizer; the round still publishes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from safetensors.torch import load, save
@@ -64,6 +66,28 @@ def test_state_round_trips_through_safetensors_and_bad_state_is_refused():
         RewardModel.from_state({"mean": bad["mean"]})
 
 
+def test_a_reward_model_file_bigger_than_the_base_allows_is_refused_unread(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    d = 3 * base.config.hidden_size                      # the features: mean, last, first hidden state
+    rm = RewardModel(torch.zeros(d), torch.ones(d), torch.full((d,), 0.5), torch.tensor(0.1), 9, 12)
+    folder = tmp_path / "v0001"
+    folder.mkdir()
+    data = save(rm.state())
+    (folder / versions.REWARD_MODEL_FILE).write_bytes(data)
+    versions.write_meta(folder, {"version": 1, "kind": "lora", "weights_file": versions.LORA_WEIGHTS,
+                                 "reward_model_sha256": hashlib.sha256(data).hexdigest()})
+    limit = versions.max_reward_model_bytes(base)
+    state, why = versions.read_version_side_file(folder, versions.REWARD_MODEL_FILE, limit)
+    assert why == "" and RewardModel.from_state(state).last_reply_id == 12         # a real one fits
+    with open(folder / versions.REWARD_MODEL_FILE, "r+b") as f:                     # one byte over (a hole)
+        f.truncate(limit + 1)
+    state, why = versions.read_version_side_file(folder, versions.REWARD_MODEL_FILE, limit)
+    assert state is None and f"{versions.REWARD_MODEL_FILE} is {limit + 1:,} bytes" in why \
+        and "refusing it unread" in why
+
+
 def test_rloo_is_leave_one_out_per_prompt_and_scaled():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, -1.0])
     adv = rloo_advantages(rewards, [0, 0, 0, 0, 1, 1, 2])
@@ -120,7 +144,8 @@ async def test_a_round_explores_and_publishes_its_reward_model(tmp_path, tiny_mo
     first = await run_round(store, cfg, tcfg, learner, use_all=True)
     assert first.status == "published" and first.n_explored == 6          # 3 newest prompts × 2 samples
     v1 = await store.get_version(first.version)
-    state, why = versions.read_version_side_file(v1.path, versions.REWARD_MODEL_FILE)
+    state, why = versions.read_version_side_file(v1.path, versions.REWARD_MODEL_FILE,
+                                                 versions.max_reward_model_bytes(learner.base))
     assert why == "" and RewardModel.from_state(state).last_reply_id == 6
     assert v1.metrics["n_explored"] == 6 and v1.metrics["rm_votes"] == 6
     # a fresh trainer (a restart) tests the reward model saved with v1 on the votes since

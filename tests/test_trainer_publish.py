@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
+import pytest
+
+from bot import versions
 from bot.chat import ChatCore
 from bot.events import Command, Message
 from bot.policy import Policy
+from bot.policy_types import VersionError
 from tests.trainer_helpers import CONSOLE, add_rated, seed_rated, tiny_config, trainer_config
 from bot.versions import dirname as version_dirname
 from trainer.publish import clean_stale, prune, publish, stage
@@ -151,3 +157,74 @@ async def test_a_fresh_start_with_a_broken_active_version_serves_the_newest_good
         assert policy.active_version == 2
     finally:
         policy.close()
+
+
+async def test_a_crash_mid_prune_leaves_every_registered_folder_whole_or_gone(tmp_path, tiny_model_dir, store_for,
+                                                                              monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_model_dir, serving={"engine": "torch"})
+    store = await store_for(cfg)
+    cand = Learner(cfg, trainer_config(cfg)).candidate(None, seed=0)
+    for v in range(1, 5):
+        await publish(store, cfg.versions_dir, version=v, parent=v - 1, model=cand.model, kind=cand.kind, meta={},
+                      metrics={"last_reply_id": 0})
+
+    def power_cut(path, *args, **kwargs):       # the first file goes, then the machine does
+        next(p for p in sorted(Path(path).iterdir()) if p.is_file()).unlink()
+        raise Crash("power cut while deleting")
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", power_cut)
+        with pytest.raises(Crash):
+            await prune(store, cfg.versions_dir, keep=2)           # v1 and v2 are to go; v1 first
+    assert visible_versions(cfg) == ["v0002", "v0003", "v0004"]   # v1 is gone, not half there
+    trash = [p.name for p in cfg.versions_dir.iterdir() if p.name.startswith(versions.TRASH_PREFIX)]
+    assert trash == [f".trash-v0001-{os.getpid()}"]
+    for v in (2, 3, 4):                                           # what is visible is whole
+        row = await store.get_version(v)
+        assert versions.read_verified(row.path, row.sha256, version=v, root=cfg.versions_dir).kind == "lora"
+    assert (await store.get_version(1)).status == "published"     # the row stays: a pruned version
+
+    policy = Policy.from_config(cfg)
+    try:
+        core = ChatCore(cfg, store, policy)
+        await core.sync_version()
+        assert policy.active_version == 4 and core.serving_error == ""
+        out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 1}, is_platform_admin=True))
+        assert not out.ok and "pruned" in out.text and policy.active_version == 4
+    finally:
+        policy.close()
+
+    # the next trainer start deletes the trash; the next prune finishes the job the same way
+    assert [p.name for p in await clean_stale(store, cfg.versions_dir)] == trash
+    assert [p.name for p in await prune(store, cfg.versions_dir, keep=2)] == ["v0002"]
+    assert sorted(p.name for p in cfg.versions_dir.iterdir()) == ["v0003", "v0004"]
+
+
+EVERY_LAYER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("lora", [{"lora_rank": 8, "lora_alpha": 16},        # the trainer's default adapter
+                                  {"lora_rank": 1024, "lora_alpha": 16, "target_modules": EVERY_LAYER}],
+                         ids=["default", "rank-1024-every-layer"])
+async def test_a_lora_version_s_size_bound_comes_from_its_configuration(lora, tmp_path, tiny_model_dir, store_for):
+    """The bound admits the adapter the trainer writes (also the largest rank over every layer,
+    bigger than 8 bytes a parameter of the base) and refuses a file one byte over it, unread."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer=lora)
+    store = await store_for(cfg)
+    learner = Learner(cfg, trainer_config(cfg))
+    cand = learner.candidate(None, seed=0)
+    await publish(store, cfg.versions_dir, version=1, parent=0, model=cand.model, kind=cand.kind, meta={},
+                  metrics={"last_reply_id": 0})
+    row = await store.get_version(1)
+    limits = versions.max_weights_bytes(learner.base)
+    bound = limits.lora(versions.adapter_config(Path(row.path)))
+    weights = Path(row.path) / versions.LORA_WEIGHTS
+    assert weights.stat().st_size <= bound
+    if lora["lora_rank"] == 1024:
+        assert weights.stat().st_size > limits.full              # what the old bound (8 bytes a parameter) refused
+    files = versions.read_verified(row.path, row.sha256, version=1, root=cfg.versions_dir, max_bytes=limits)
+    assert files.kind == "lora" and files.lora.r == lora["lora_rank"]
+    with open(weights, "r+b") as f:                               # one byte over (the rest a hole)
+        f.truncate(bound + 1)
+    with pytest.raises(VersionError, match=f"is {bound + 1:,} bytes, more than a version .* refusing it unread"):
+        versions.read_verified(row.path, row.sha256, version=1, root=cfg.versions_dir, max_bytes=limits)

@@ -153,7 +153,8 @@ class Learner:
         if start is not None and start.id != 0:
             if not start.path or not start.sha256:
                 raise VersionError(f"active v{start.id} has no files in the registry")
-            files = versions.read_verified(Path(start.path), start.sha256)
+            files = versions.read_verified(Path(start.path), start.sha256, version=start.id,
+                                           root=self.cfg.versions_dir, max_bytes=versions.max_weights_bytes(self.base))
             note = f"continuing v{start.id} ({files.kind})"
         model = copy.deepcopy(self.base)
         with torch.random.fork_rng(devices=[]):

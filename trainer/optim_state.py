@@ -70,13 +70,14 @@ def import_adam(model, opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]
     return ""
 
 
-def read_optimizer(folder: Path, sha256: str | None) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The optimizer state saved in a version folder, checked against its sha256 from meta.json.
+def read_optimizer(folder: Path, sha256: str | None, model) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The optimizer state saved in a version folder for the trainable ``model``, checked against
+    its sha256 from meta.json; a file bigger than that model's state can be is refused unread.
     Returns (state or None, why not)."""
-    return versions.read_side_file(folder, OPTIMIZER_FILE, sha256)
+    return versions.read_side_file(folder, OPTIMIZER_FILE, sha256, versions.max_optimizer_bytes(model))
 
 
-def read_version_optimizer(folder: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The optimizer state of the version in ``folder``, checked against the sha256 its
-    meta.json records. Returns (state or None, why not)."""
-    return versions.read_version_side_file(folder, OPTIMIZER_FILE)
+def read_version_optimizer(folder: Path, model) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The optimizer state of the version in ``folder`` for the trainable ``model``, checked
+    against the sha256 its meta.json records. Returns (state or None, why not)."""
+    return versions.read_version_side_file(folder, OPTIMIZER_FILE, versions.max_optimizer_bytes(model))

@@ -5,15 +5,25 @@ What a version folder holds is ``bot/versions.py``; this module makes one appear
     versions_dir/
       .tmp-v0007-4242/    being written by trainer pid 4242 (removed at the next start)
       v0007/              published
+      .trash-v0002-4242/  being pruned by trainer pid 4242 (removed at the next start)
 
 Steps (:func:`publish`): write everything into the tmp folder, fsync each file and the
 folder, ``os.rename`` it to ``vNNNN`` (atomic on one filesystem), fsync ``versions_dir``,
-then one transaction registers the version and makes it active. The bot only loads
+then one transaction registers the version and makes it active. A write that fails (a full
+disk, a file-size limit) removes the tmp folder at once; the round fails with the reason and
+the trainer goes on. The bot only loads
 versions it finds in the registry and checks the weights' sha256 against it, so:
 
 - a crash before the rename leaves only a ``.tmp-*`` folder, which nobody reads;
 - a crash between the rename and the registry commit leaves a ``vNNNN`` folder without
-  a registry row; :func:`clean_stale` removes both kinds at trainer start.
+  a registry row; :func:`clean_stale` removes both kinds at trainer start;
+- a crash after the commit leaves a published, active version whose round was not marked
+  done: ``trainer/recover.py`` records it as published at the next start.
+
+Pruning (:func:`prune`) renames an old folder to ``.trash-vNNNN-PID`` (atomic) before
+deleting it, so a crash mid-delete never leaves a half-deleted ``vNNNN`` that the registry
+still points to: the version is whole or gone (its row stays, and ``/rollback`` says it was
+pruned); :func:`clean_stale` deletes the leftover trash at the next start.
 
 A rejected candidate gets a registry row (status "rejected", the reason) and no files.
 """
@@ -61,17 +71,22 @@ def stage(versions_dir: Path, version: int, model, kind: str, meta: dict,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights_file = versions.write_weights(tmp, model, kind)
-    sha = sha256_file(tmp / weights_file)
-    meta = {**meta, "version": version, "kind": kind, "weights_file": weights_file, "sha256": sha}
-    for name, tensors in (side or {}).items():
-        if tensors:
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            meta[versions.SIDE_FILES[name]] = sha256_file(tmp / name)
-    versions.write_meta(tmp, meta)
-    for p in tmp.iterdir():
-        p.chmod(0o644)       # readable by the bot even if it runs as another user of the group
-    _fsync_folder(tmp)
+    try:
+        weights_file = versions.write_weights(tmp, model, kind)
+        sha = sha256_file(tmp / weights_file)
+        meta = {**meta, "version": version, "kind": kind, "weights_file": weights_file, "sha256": sha}
+        for name, tensors in (side or {}).items():
+            if tensors:
+                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+                meta[versions.SIDE_FILES[name]] = sha256_file(tmp / name)
+        versions.write_meta(tmp, meta)
+        for p in tmp.iterdir():
+            p.chmod(0o644)       # readable by the bot even if it runs as another user of the group
+        _fsync_folder(tmp)
+    except BaseException as e:   # a full disk, a file-size limit, a read-only folder: leave nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("writing v%d failed (%s: %s); removed its temp folder %s", version, type(e).__name__, e, tmp)
+        raise
     return tmp, sha
 
 
@@ -121,8 +136,9 @@ async def reject(store: Store, *, version: int, parent: int, reason: str, metric
 
 
 async def clean_stale(store: Store, versions_dir: Path) -> list[Path]:
-    """Remove leftovers of crashed publishes: every ``.tmp-*`` folder, and ``vNNNN`` folders
-    the registry does not know as published. Call only while holding the trainer lock."""
+    """Remove leftovers of crashed publishes and prunes: every ``.tmp-*`` and ``.trash-*``
+    folder, and ``vNNNN`` folders the registry does not know as published. Call only while
+    holding the trainer lock."""
     versions_dir = Path(versions_dir)
     if not versions_dir.is_dir():
         return []
@@ -130,7 +146,8 @@ async def clean_stale(store: Store, versions_dir: Path) -> list[Path]:
     removed = []
     for p in sorted(versions_dir.iterdir()):
         number = versions.number_of(p.name)
-        if p.name.startswith(versions.TMP_PREFIX) or (number is not None and p.is_dir() and number not in published):
+        leftover = p.name.startswith((versions.TMP_PREFIX, versions.TRASH_PREFIX))
+        if leftover or (number is not None and p.is_dir() and number not in published):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
             log.info("removed stale %s", p)
@@ -139,8 +156,20 @@ async def clean_stale(store: Store, versions_dir: Path) -> list[Path]:
     return removed
 
 
+def trash(folder: Path) -> Path:
+    """Take a version folder out of sight in one atomic rename to ``.trash-vNNNN-PID`` (fsynced):
+    from then on no reader finds it, however its deletion ends. Returns the new path."""
+    dest = folder.parent / f"{versions.TRASH_PREFIX}{folder.name}-{os.getpid()}"
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    os.rename(folder, dest)
+    fsync_dir(folder.parent)
+    return dest
+
+
 async def prune(store: Store, versions_dir: Path, keep: int) -> list[Path]:
-    """Keep the newest ``keep`` published version folders, plus the active one and its parent."""
+    """Keep the newest ``keep`` published version folders, plus the active one and its parent.
+    Each other one is renamed to a trash name first, then deleted (see the module doc)."""
     versions_dir = Path(versions_dir)
     if not versions_dir.is_dir():
         return []
@@ -156,7 +185,12 @@ async def prune(store: Store, versions_dir: Path, keep: int) -> list[Path]:
     for v in published:
         if v not in protected:
             path = versions_dir / versions.dirname(v)
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                gone = trash(path)
+            except OSError as e:
+                log.warning("could not prune %s (%s); it stays as it is", path, e)
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
             removed.append(path)
             log.info("pruned old version folder %s", path)
     return removed
