@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from bot import process
 
 process.quiet_threads()      # before torch loads (bot/process.py says why)
 
-from bot.config import Config, ConfigError, load_config  # noqa: E402
+from bot.config import Config, ConfigError, check_paths, load_config  # noqa: E402
 from bot.health import HealthError  # noqa: E402
 from bot.models import ModelError  # noqa: E402
 
@@ -61,13 +62,18 @@ async def serve(cfg: Config) -> None:
     from bot.chat import ChatCore
     from bot.health import BotHealth, HealthServer
     from bot.policy import Policy
+    from bot.retention import pruning
     from bot.store import Store
 
     hf_logging.disable_progress_bar()
-    store = await Store.open(cfg.db_path, synchronous=cfg.storage.synchronous)
-    health = BotHealth(cfg, store)
-    server = HealthServer(health, cfg.health.host, cfg.health.bot_port, "health.bot_port")
     try:
+        store = await Store.open(cfg.db_path, synchronous=cfg.storage.synchronous)
+    except (sqlite3.Error, OSError, RuntimeError) as e:     # RuntimeError: a schema newer than this code
+        raise process.StartupError(process.store_problem(cfg.db_path, e)) from None
+    server = None
+    try:
+        health = BotHealth(cfg, store)
+        server = HealthServer(health, cfg.health.host, cfg.health.bot_port, "health.bot_port")
         if cfg.health.bot_port:
             await server.start()             # first: a taken port fails before the model loads
         log.info("store %s ready; loading model %s", cfg.db_path, cfg.model.name)
@@ -76,11 +82,13 @@ async def serve(cfg: Config) -> None:
             core = ChatCore(cfg, store, policy, metrics=health)
             await core.sync_version()        # start on the registry's active version
             health.core = core               # /healthz: the model is ready
-            await run_platforms(cfg, core)
+            async with pruning(store, cfg):  # storage.retention_days: old raw messages pruned hourly
+                await run_platforms(cfg, core)
         finally:
             policy.close()
     finally:
-        await server.stop()
+        if server is not None:
+            await server.stop()
         await store.close()
 
 
@@ -127,6 +135,16 @@ def backup(cfg: Config, dest: Path) -> int:
     return 0
 
 
+def stopped(e: Exception, cfg: Config) -> int:
+    """The one line for an error that ended the bot: a full or read-only disk says so (no traceback),
+    anything else has its traceback in the log."""
+    line = process.disk_stop_line("bot", e, cfg.data_dir)
+    if line:
+        return process.fail(line)
+    log.exception("the bot stopped")
+    return process.fail(f"the bot stopped: {type(e).__name__}: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -137,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.health.bot_port = args.health_port
     if args.command == "backup":
         return backup(cfg, args.path)
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        return process.fail(f"{'config error' if args.check_config else 'cannot start'}: {e}")
     if args.check_config:
         print(summary(cfg))
         return 0
@@ -157,13 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         pass
-    except HealthError as e:          # the health port is taken: one line, no traceback
+    except (HealthError, process.StartupError) as e:   # a taken port, a database that can't open: one line
         return process.fail(str(e))
     except ModelError as e:           # a model folder that is missing or can't be read: no traceback
         return process.fail(f"cannot start: {str(e).rstrip('.')}. Fix model.name in the config.")
     except Exception as e:  # noqa: BLE001 - whatever it is, exit non-zero with one line (Restart=on-failure)
-        log.exception("the bot stopped")
-        return process.fail(f"the bot stopped: {type(e).__name__}: {e}")
+        return stopped(e, cfg)
     finally:
         if trainer is not None:
             trainer.terminate()
@@ -175,4 +196,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process.run_main(main)

@@ -1,7 +1,10 @@
 """Typed settings: one TOML file plus environment variables for secrets.
 
 Every setting is a dataclass field with help text (``metadata["help"]``), so the
-example file, the README table and the error messages all come from one place.
+example file, the README table and the error messages all come from one place. Every
+numeric setting also declares its valid range there (``setting(96, "...", ge=1, le=2048)``),
+which :func:`check_ranges` enforces: NaN, infinities, negative counts and absurd sizes
+are refused with the key, the value, the range and the fix.
 Secrets (chat tokens) are read only from the environment and are never logged:
 ``Secret.__repr__`` hides the value.
 
@@ -11,6 +14,7 @@ Secrets (chat tokens) are read only from the environment and are never logged:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -35,8 +39,45 @@ class Secret(str):
         return "Secret('***')" if self else "Secret('')"
 
 
-def setting(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with help text (mutable defaults are copied per instance)."""
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric setting's valid range; ``str`` is the interval, e.g. ``[1, 2048]`` or ``(0, 1]``.
+    NaN is in no range; both ends are finite, so infinity is in none either."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: Any) -> bool:
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or x != x:
+            return False
+        return (x > self.lo if self.lo_open else x >= self.lo) and (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+
+    def words(self) -> str:
+        """'between 1 and 2048' for a closed range, else 'in (0, 1]'."""
+        closed = not (self.lo_open or self.hi_open)
+        return f"between {_num(self.lo)} and {_num(self.hi)}" if closed else f"in {self}"
+
+
+def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, **kw: Any) -> Any:
+    """A dataclass field with help text (mutable defaults are copied per instance). A numeric
+    setting declares its range with ``ge``/``gt`` (lower end, closed/open) and ``le``/``lt``
+    (upper end); ``hint=`` adds a word to its range error."""
+    if (ge, gt, le, lt) != (None,) * 4:
+        lo, hi = (gt if gt is not None else ge), (lt if lt is not None else le)
+        if lo is None or hi is None:
+            raise TypeError("a setting's range needs both ends (ge or gt, and le or lt)")
+        kw["range"] = Bound(lo, hi, gt is not None, lt is not None)
+        if default not in kw["range"]:
+            raise TypeError(f"default {default!r} is outside its own range {kw['range']}")
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -50,22 +91,27 @@ class ModelConfig:
     dtype: str = setting("float32", "Weights dtype at serving time: float32 or bfloat16.")
     system_prompt: str = setting("You are a friendly, concise assistant chatting in a group channel.",
                                  "System prompt put before every conversation.")
-    max_context_tokens: int = setting(512, "Token budget for the prompt; oldest context is dropped first.")
-    threads: int = setting(0, "torch CPU threads for generation; 0 keeps torch's default.")
+    max_context_tokens: int = setting(512, "Token budget for the prompt; oldest context is dropped first.",
+                                      ge=32, le=32768)
+    threads: int = setting(0, "torch CPU threads for generation; 0 keeps torch's default.", ge=0, le=256)
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = setting(0.8, "Sampling temperature (> 0). Logprobs are recorded at this temperature.")
-    top_p: float = setting(0.95, "Nucleus sampling mass in (0, 1].")
-    max_new_tokens: int = setting(96, "Longest reply, in tokens.")
+    temperature: float = setting(0.8, "Sampling temperature. Logprobs are recorded at this temperature.", gt=0, le=5,
+                                  hint="use a small value like 0.1 for near-greedy.")
+    top_p: float = setting(0.95, "Nucleus sampling mass.", gt=0, le=1)
+    max_new_tokens: int = setting(96, "Longest reply, in tokens.", ge=1, le=2048)
 
 
 @dataclass
 class ServingConfig:
-    queue_size: int = setting(16, "Replies that may wait for the model; past this people get a 'busy' reply.")
-    batch_size: int = setting(8, "Waiting replies generated together in one batch (same model version).")
-    poll_seconds: float = setting(3.0, "How often the bot checks for a new active version and trainer results.")
+    queue_size: int = setting(16, "Replies that may wait for the model; past this people get a 'busy' reply.",
+                              ge=1, le=10000)
+    batch_size: int = setting(8, "Waiting replies generated together in one batch (same model version).",
+                              ge=1, le=256)
+    poll_seconds: float = setting(3.0, "How often the bot checks for a new active version and trainer results "
+                                  "(seconds).", ge=0.01, le=3600)
     engine: str = setting("ctranslate2", 'Serving engine: "ctranslate2" (int8, several times faster on a CPU; '
                           'falls back to torch with a warning where it cannot run the model) or "torch" '
                           '(transformers generate, the reference).')
@@ -82,11 +128,17 @@ class RewardsConfig:
 class ChatConfig:
     reply_in_dms: bool = setting(True, "Answer direct messages.")
     channels: list = setting([], "Channel ids where the bot answers every message (it always answers mentions).")
-    history_messages: int = setting(20, "Recent channel/thread messages considered as context.")
-    rate_limit_per_minute: int = setting(6, "Replies per user per minute; 0 disables the limit.")
+    history_messages: int = setting(20, "Recent channel/thread messages considered as context; 0 = none.",
+                                    ge=0, le=200)
+    rate_limit_per_minute: int = setting(6, "Replies per user per minute; 0 disables the limit.", ge=0, le=1000)
     admin_user_ids: list = setting([], "User ids allowed to run admin commands (retrain, rollback, forget others).")
     admin_role_ids: list = setting([], "Discord role ids whose members are admins.")
-    max_message_chars: int = setting(4000, "Longer incoming messages are cut to this many characters (the end is kept).")
+    max_message_chars: int = setting(4000, "Longer incoming messages are cut to this many characters (the end is "
+                                     "kept).", ge=1, le=100000)
+    backfill_hours: float = setting(24.0, "On connecting and after each reconnect, the votes on the bot's replies of "
+                                    "the last this many hours are made what Discord's and Slack's reaction lists "
+                                    "say, so reactions added or removed while the bot was away count; 0 = off.",
+                                    ge=0, le=720)
 
 
 @dataclass
@@ -98,7 +150,8 @@ class DiscordConfig:
 class SlackConfig:
     command: str = setting("/reactlearn", "The slash command name as set in the Slack app manifest.")
     message_chars: int = setting(4000, "Replies longer than this are split into several messages "
-                                 "(Slack's guideline is 4,000 characters; the API refuses more than 40,000).")
+                                 "(Slack's guideline is 4,000 characters; the API refuses more than 40,000).",
+                                 ge=20, le=40000)
     api_url: str = setting("https://slack.com/api/", "Slack Web API base URL (GovSlack: https://slack-gov.com/api/).")
 
 
@@ -107,6 +160,12 @@ class StorageConfig:
     synchronous: str = setting("NORMAL", 'SQLite PRAGMA synchronous for the bot\'s database: "NORMAL" (fast; after a '
                                'power loss or OS crash the last moments of votes may be lost, never corrupted) or '
                                '"FULL" (every committed vote survives power loss; each write waits for the disk).')
+    retention_days: float = setting(0.0, "Raw messages and unrated replies older than this many days are pruned "
+                                    "(checked hourly by the bot); rated replies, votes, the newest replies and "
+                                    "what published versions name are kept. 0 = keep everything forever; "
+                                    "otherwise at least 1 day, and at least chat.backfill_hours (and "
+                                    "trainer.settle_seconds), so that late votes still count.",
+                                    ge=0, le=36500)
 
 
 @dataclass
@@ -114,9 +173,9 @@ class HealthConfig:
     host: str = setting("127.0.0.1", "Address the /healthz and /metrics servers listen on. Loopback by default; "
                         '"0.0.0.0" lets a Prometheus on another machine (or outside a container) reach them.')
     bot_port: int = setting(0, "Port of the bot's /healthz and /metrics; 0 = off. 9321 is the usual choice "
-                            "(`python -m bot --health-port 9321` sets it too).")
+                            "(`python -m bot --health-port 9321` sets it too).", ge=0, le=65535, hint="0 turns it off")
     trainer_port: int = setting(0, "Port of the trainer's /healthz and /metrics; 0 = off. 9322 is the usual choice "
-                                "(`python -m trainer --health-port 9322` sets it too).")
+                                "(`python -m trainer --health-port 9322` sets it too).", ge=0, le=65535, hint="0 turns it off")
 
 
 @dataclass
@@ -201,9 +260,28 @@ def _check(ok: bool, key: str, fix: str) -> None:
         raise ConfigError(f"'{key}': {fix}")
 
 
-def port_ok(port: int) -> bool:
-    """0 (off) or a TCP port."""
-    return 0 <= port <= 65535
+def check_ranges(section: Any, where: str) -> None:
+    """Every declared range of a settings dataclass (``setting(..., ge=, le=)``); the first value
+    outside its range (NaN and infinities included) raises ConfigError naming the key, the value,
+    the range and the fix."""
+    for f in dataclasses.fields(section):
+        bound, value = f.metadata.get("range"), getattr(section, f.name)
+        if bound is not None and value not in bound:
+            hint = f" ({f.metadata['hint']})" if f.metadata.get("hint") else ""
+            raise ConfigError(f"'{where}.{f.name}': must be {bound.words()}, got {value!r}{hint}. Set it to a "
+                              f"value in {bound} in the config file, or remove it for the default ({f.default!r}).")
+
+
+def _check_ids(cfg: Config) -> None:
+    """Id lists hold strings or integers; Discord guild ids are numbers."""
+    for key in ("chat.channels", "chat.admin_user_ids", "chat.admin_role_ids", "discord.guild_ids"):
+        section, name = key.split(".")
+        for item in getattr(getattr(cfg, section), name):
+            _check(isinstance(item, (str, int)) and not isinstance(item, bool), key,
+                   f'must be a list of ids (strings like "1234" or numbers), got {item!r}.')
+            if key == "discord.guild_ids":
+                _check(str(item).strip().isdigit(), key, f"Discord guild ids are numbers (with Developer Mode on, "
+                                                         f"right-click the server → Copy Server ID), got {item!r}.")
 
 
 def _check_tokens(cfg: Config) -> None:
@@ -212,6 +290,33 @@ def _check_tokens(cfg: Config) -> None:
     if "slack" in cfg.platforms:
         _check(bool(cfg.slack_bot_token) and bool(cfg.slack_app_token), "platforms",
                "slack is chosen but SLACK_BOT_TOKEN and SLACK_APP_TOKEN must both be set in the environment.")
+
+
+def min_retention_days(cfg: Config) -> tuple[float, str]:
+    """The shortest ``storage.retention_days`` other than 0, and the setting that makes it so
+    ('' for the floor of a day): a day, and no less than
+    the votes still come in for (``chat.backfill_hours``, and ``trainer.settle_seconds`` when the
+    [trainer] table sets it: the bot never imports the trainer, whose default is minutes)."""
+    days, why = 1.0, ""
+    if cfg.chat.backfill_hours / 24 > days:
+        days, why = cfg.chat.backfill_hours / 24, f"chat.backfill_hours = {_num(cfg.chat.backfill_hours)}"
+    settle = cfg.trainer.get("settle_seconds") if isinstance(cfg.trainer, dict) else None
+    if isinstance(settle, (int, float)) and not isinstance(settle, bool) and settle / 86400 > days \
+            and settle < float("inf"):
+        days, why = settle / 86400, f"trainer.settle_seconds = {_num(settle)}"
+    return days, why
+
+
+def _check_retention(cfg: Config) -> None:
+    days = cfg.storage.retention_days
+    least, why = min_retention_days(cfg)
+    shown = math.ceil(least * 100) / 100        # rounded up: setting what the message says is enough
+    _check(days == 0 or days >= least, "storage.retention_days",
+           f"must be 0 (keep everything) or at least {shown:g} day{'' if shown == 1 else 's'}"
+           f"{f' ({why})' if why else ''}, got "
+           f"{days!r}: unrated replies are deleted that long after they are sent, so a vote that comes later (a "
+           "late reaction, one the bot catches up on after being away) would be lost. Set it to 0 or to "
+           f"{shown:g} or more in the config file.")
 
 
 def validate(cfg: Config, *, need_secrets: bool = True) -> Config:
@@ -224,33 +329,100 @@ def validate(cfg: Config, *, need_secrets: bool = True) -> Config:
     if need_secrets:
         _check_tokens(cfg)
     _check(cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "use DEBUG, INFO, WARNING or ERROR.")
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            check_ranges(getattr(cfg, f.name), f.name)
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "use float32 or bfloat16.")
-    _check(cfg.model.max_context_tokens >= 32, "model.max_context_tokens", "must be at least 32.")
-    _check(cfg.sampling.temperature > 0, "sampling.temperature", "must be > 0 (use a small value like 0.1 for near-greedy).")
-    _check(0 < cfg.sampling.top_p <= 1, "sampling.top_p", "must be in (0, 1].")
-    _check(1 <= cfg.sampling.max_new_tokens <= 2048, "sampling.max_new_tokens", "must be between 1 and 2048.")
-    _check(cfg.serving.queue_size >= 1, "serving.queue_size", "must be at least 1.")
-    _check(cfg.serving.batch_size >= 1, "serving.batch_size", "must be at least 1.")
-    _check(cfg.serving.poll_seconds > 0, "serving.poll_seconds", "must be > 0.")
     _check(cfg.serving.engine in ("ctranslate2", "torch"), "serving.engine", 'must be "ctranslate2" or "torch".')
     _check(cfg.slack.command.startswith("/") and len(cfg.slack.command) > 1 and " " not in cfg.slack.command,
            "slack.command", 'must be a slash command like "/reactlearn", as in the app manifest.')
-    _check(20 <= cfg.slack.message_chars <= 40000, "slack.message_chars", "must be between 20 and 40000.")
     _check(cfg.slack.api_url.startswith(("https://", "http://")), "slack.api_url", 'must be a URL like "https://slack.com/api/".')
     raw_sync, cfg.storage.synchronous = cfg.storage.synchronous, cfg.storage.synchronous.upper()
     _check(cfg.storage.synchronous in SYNCHRONOUS, "storage.synchronous",
            f'use "NORMAL" (the default) or "FULL" (every committed vote survives power loss), got {raw_sync!r}.')
-    _check(cfg.chat.max_message_chars >= 1, "chat.max_message_chars", "must be at least 1.")
     _check(bool(cfg.health.host.strip()), "health.host", 'must be an address to listen on, like "127.0.0.1".')
-    for key in ("bot_port", "trainer_port"):
-        port = getattr(cfg.health, key)
-        _check(port_ok(port), f"health.{key}", f"must be 0 (off) or a port from 1 to 65535, got {port!r}.")
     _check(not cfg.health.bot_port or cfg.health.bot_port != cfg.health.trainer_port, "health.trainer_port",
            f"must differ from health.bot_port ({cfg.health.bot_port}): the bot and the trainer usually share a machine.")
+    _check_ids(cfg)
+    _check_retention(cfg)
     for emoji, value in cfg.rewards.emoji.items():
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and -1 <= value <= 1,
                f"rewards.emoji.{emoji}", f"value must be a number in [-1, 1], got {value!r}.")
     return cfg
+
+
+def folder_problem(path: Path) -> str:
+    """Why ``path`` can't be a folder this user writes in, found without creating anything; '' if it can.
+    (At start-up ``bot.process.writable_dir_problem`` also writes a file there, and says what it
+    finds in the same words: :func:`folder_line`.)"""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path} is a file, not a folder" if probe == path else f"{probe} is a file, so {path} can't be created"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return ""
+
+
+def folder_line(setting: str, why: str, fix: str = "") -> str:
+    """The one way a folder setting that can't be used is said: "'data_dir': why. fix" (by
+    default: point it at a folder this user can write)."""
+    return f"'{setting}': {why}. {fix or f'Point {setting} at a folder this user can write (it is created if missing).'}"
+
+
+def _model_problem(name: str) -> str:
+    """Why ``model.name``, when it names a folder on disk, is not a model folder; '' otherwise (a hub id
+    is checked only when the model loads)."""
+    local = Path(name).expanduser()
+    if not (name.startswith(("/", ".", "~")) or local.exists()):
+        return ""
+    if not local.exists():
+        return f"model folder {local} does not exist"
+    if not local.is_dir():
+        return f"{local} is a file, not a model folder"
+    if not (local / "config.json").is_file():
+        return f"{local} holds no config.json, so it is not a model folder"
+    return ""
+
+
+def check_paths(cfg: Config) -> None:
+    """What start-up needs on disk, checked without creating anything (by ``--check-config`` and by
+    both processes before they start): data_dir can be created and written, model.cache_dir (for
+    the default model) exists or can be created, a model folder exists. Raises ConfigError naming
+    the key and the fix."""
+    problem = folder_problem(Path(cfg.data_dir).expanduser())
+    if problem:
+        raise ConfigError(folder_line("data_dir", problem))
+    if cfg.model.name == "default":
+        cache = Path(cfg.model.cache_dir).expanduser()
+        problem = "" if cache.is_dir() else folder_problem(cache)   # one that exists may be read-only and ready
+        _check(not problem, "model.cache_dir", f"{problem}; the default model is converted into it. Point "
+                                               "model.cache_dir at a folder this user can write.")
+        return
+    problem = _model_problem(cfg.model.name)
+    _check(not problem, "model.name", f'{problem}. Point model.name at a folder holding config.json and the '
+                                      'weights, or use "default".')
+
+
+def _read_toml(path: Path) -> dict:
+    """The config file's table; ConfigError (naming the file and the fix) when it is missing, a
+    folder, unreadable, not UTF-8 or not TOML."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder. Point --config (or {CONFIG_ENV}) at the TOML file.")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist. Copy reactlearn.example.toml to it, or drop --config.")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"config file {path} can't be read ({e.strerror or e}). Make it readable by this "
+                          "user.") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}). "
+                          "Save it as UTF-8 (TOML files must be).") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}. Fix the line it names.") from None
 
 
 def load_config(path: Path | None = None, env: dict | None = None, *, need_secrets: bool = True) -> Config:
@@ -261,13 +433,7 @@ def load_config(path: Path | None = None, env: dict | None = None, *, need_secre
         path = Path(env[CONFIG_ENV])
     data: dict = {}
     if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist. Copy reactlearn.example.toml to it, or drop --config.")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}. Fix the line it names.") from None
+        data = _read_toml(Path(path).expanduser())
     cfg = build(Config, data)
     for f in dataclasses.fields(Config):
         if "env" in f.metadata:
