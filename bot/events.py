@@ -2,15 +2,52 @@
 
 The chat core only ever sees these, so it never imports a chat SDK. Ids are strings
 on every platform (Discord snowflakes are turned into str; Slack ids and ts are str).
+
+Every text a payload carries is valid Unicode once built (``clean_text``): a lone surrogate
+(JSON's ``"\\ud800"`` escape decodes to one, and so does invalid UTF-8 read with Python's
+``surrogateescape``) would make SQLite and the tokenizer raise, so it becomes U+FFFD here,
+the one place where platform text enters the core. NUL and other control characters are kept
+as written: SQLite, the tokenizer and the chat template take them as they are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+
+def clean_text(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD (a surrogate pair written as two
+    code points becomes the character it encodes); any other ``str`` is returned as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _clean(value):
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clean(v) for v in value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
+class _Clean:
+    """Every field of the (frozen) payload passed through ``clean_text`` once it is built."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            cleaned = _clean(value)
+            if cleaned is not value:
+                object.__setattr__(self, f.name, cleaned)
 
 
 @dataclass(frozen=True)
-class Message:
+class Message(_Clean):
     """Someone wrote something where the bot can see it."""
 
     platform: str
@@ -27,16 +64,23 @@ class Message:
 
 
 @dataclass(frozen=True)
-class HistoryItem:
-    """An earlier message in the channel or thread, oldest first when in a list."""
+class HistoryItem(_Clean):
+    """An earlier message in the channel or thread, oldest first when in a list.
+
+    ``author_id`` (the platform's user id; '' when the adapter can't say) and ``message_id``
+    (the platform message id, as the store keys it) say whose words a reply's context holds:
+    the core records them with the reply so that ``/forget`` deletes exactly the replies whose
+    context held a person's messages or the bot's replies to them."""
 
     author_name: str
     text: str
     from_bot: bool
+    author_id: str = ""
+    message_id: str = ""
 
 
 @dataclass(frozen=True)
-class Reaction:
+class Reaction(_Clean):
     """An emoji added to or removed from a message (cached or not)."""
 
     platform: str
@@ -46,10 +90,11 @@ class Reaction:
     emoji: str
     added: bool
     user_is_bot: bool = False
+    at: float | None = None          # when the platform says it happened (Slack: event_ts), if it says so
 
 
 @dataclass(frozen=True)
-class Command:
+class Command(_Clean):
     """An admin/user command: retrain, status, rollback, forget."""
 
     platform: str
@@ -67,7 +112,7 @@ class Command:
 
 
 @dataclass(frozen=True)
-class CommandResult:
+class CommandResult(_Clean):
     text: str
     ok: bool
     image: str | None = None      # a PNG to attach where the platform can (/status's chart)

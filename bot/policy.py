@@ -11,9 +11,10 @@
   loop as tokens arrive, so adapters can show the reply while it is written.
 - Each batch is pinned to the version that is active when the batch starts; the
   version is recorded with every reply, so a swap never mixes versions inside a reply.
-- ``install_version`` verifies a published version (sha256 of the weights file) and
-  loads it beside the current ones in a worker, between batches; ``activate`` then
-  points new batches at it. Version 0 is the base model.
+- ``install_version`` verifies a published version (``versions.read_verified``: inside the
+  versions folder, sizes, sha256 of the weights file, JSON shapes, finite weights) and loads
+  it beside the current ones in a worker, between batches (a misfit leaves nothing loaded);
+  ``activate`` then points new batches at it. Version 0 is the base model.
 
 Logprobs: for every sampled token we record log softmax(logits / temperature) at that
 token under the engine that sampled it, i.e. the tempered distribution the sample came
@@ -89,8 +90,11 @@ class Policy:
     def __init__(self, model, tokenizer, *, temperature: float = 0.8, top_p: float = 0.95,
                  max_new_tokens: int = 96, system_prompt: str = "", max_context_tokens: int = 512,
                  queue_size: int = 16, batch_size: int = 8, engine: str = "torch", work_dir: Path | None = None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, versions_dir: Path | None = None):
+        """``versions_dir``: where published versions live; a registry path elsewhere is refused."""
         self.base = model.eval()
+        self.versions_dir = Path(versions_dir) if versions_dir is not None else None
+        self.max_version_bytes = versions.max_weights_bytes(model)   # a bigger weights file is refused unread
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -144,7 +148,7 @@ class Policy:
                    system_prompt=cfg.model.system_prompt, max_context_tokens=cfg.model.max_context_tokens,
                    queue_size=cfg.serving.queue_size, batch_size=cfg.serving.batch_size, engine=cfg.serving.engine,
                    work_dir=Path(cfg.data_dir).expanduser() / "serving",
-                   cache_dir=Path(cfg.model.cache_dir).expanduser() / "ctranslate2")
+                   cache_dir=Path(cfg.model.cache_dir).expanduser() / "ctranslate2", versions_dir=cfg.versions_dir)
 
     # -- prompts --------------------------------------------------------------
 
@@ -179,21 +183,24 @@ class Policy:
 
     async def generate_many(self, prompts: list[list[int]],
                             on_partial: Callable[[str], None] | None = None) -> list[Generation]:
-        """Sample one reply per prompt (token ids). Raises Busy if they don't all fit in the queue."""
+        """Sample one reply per prompt (token ids). Raises Busy if they don't all fit in the queue,
+        RuntimeError once the policy is closed (its lanes are gone: a request would wait forever)."""
         loop = asyncio.get_running_loop()
-        with self._lock:
+        futures = []
+        with self._lock:        # with close(): no request is queued behind the lanes' stop
+            if self._closed:
+                raise RuntimeError("the policy is closed; it generates no more replies")
             if self._waiting + len(prompts) > self.queue_size:
                 raise Busy(f"{self._waiting} replies are already waiting")
             self._waiting += len(prompts)
-        futures = []
-        for ids in prompts:
-            fut = loop.create_future()
+            for ids in prompts:
+                fut = loop.create_future()
 
-            def done(result, fut=fut):
-                loop.call_soon_threadsafe(_settle, fut, result)
+                def done(result, fut=fut):
+                    loop.call_soon_threadsafe(_settle, fut, result)
 
-            futures.append(fut)
-            self._jobs.put(_Job(list(ids), done, self._partial_sender(loop, on_partial)))
+                futures.append(fut)
+                self._jobs.put(_Job(list(ids), done, self._partial_sender(loop, on_partial)))
         return list(await asyncio.gather(*futures))
 
     def seed(self, value: int) -> None:
@@ -241,7 +248,8 @@ class Policy:
             try:
                 results = self._generate_batch(batch, self.active_version)
             except Exception as e:  # noqa: BLE001 - every waiting reply must get an answer
-                log.exception("generation failed")
+                # each request's caller gets the exception and logs it (bot/chat.py: once per message)
+                log.debug("generation failed for a batch of %d", len(batch), exc_info=True)
                 results = [e] * len(batch)
             for j, r in zip(batch, results):
                 j.done(r)
@@ -290,8 +298,13 @@ class Policy:
         return version in self._loaded
 
     async def install_version(self, version: int, path: str | Path, sha256: str) -> None:
-        """Verify and load a published version beside the current ones. Raises VersionError."""
-        files = await asyncio.to_thread(versions.read_verified, Path(path), sha256)
+        """Verify and load a published version beside the current ones. Raises VersionError for
+        anything wrong with the folder (``versions.read_verified``, then the fit to the base
+        while it is applied); the versions already loaded stay as they were. RuntimeError once
+        the policy is closed (as ``generate_many``: no lane would ever run the install)."""
+        self._check_open()
+        files = await asyncio.to_thread(versions.read_verified, Path(path), sha256, version=version,
+                                        root=self.versions_dir, max_bytes=self.max_version_bytes)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -302,8 +315,14 @@ class Policy:
             except Exception as e:  # noqa: BLE001
                 loop.call_soon_threadsafe(_settle, fut, e)
 
-        self._jobs.put(task)
+        with self._lock:        # with close(): no install is queued behind the lanes' stop
+            self._check_open()
+            self._jobs.put(task)
         await fut
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the policy is closed; it installs no more versions")
 
     def _install(self, version: int, files: versions.VersionFiles) -> None:
         """Load a verified version beside the others (in a lane, between batches)."""
@@ -327,10 +346,11 @@ class Policy:
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop the lanes once the batches they are running finish, then release the engine."""
-        if self._closed:
-            return
-        self._closed = True
-        self._jobs.put(None)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.put(None)
         for w in self._workers:
             if w is not threading.current_thread():
                 w.join(timeout)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import aiosqlite
 
@@ -128,13 +129,49 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO state (key, value) VALUES ('active_version', '0');
     """,
+    # 2: indexes for reconciling votes (a reply's platform messages), retention (old messages)
+    # and /forget's "later replies in the channel" rule (for replies recorded before 3)
+    """
+    CREATE INDEX reply_messages_reply ON reply_messages (reply_id);
+    CREATE INDEX replies_channel ON replies (platform, channel_id, created_at);
+    CREATE INDEX messages_created ON messages (created_at);
+    """,
+    # 3: whose words each reply's prompt held, so /forget deletes exactly those replies. Written
+    # with the reply (Store.add_reply); a reply recorded before this migration has no rows (and
+    # /forget falls back to its channel rule for it), as has one whose context an adapter could
+    # not attribute: user_id '' stands for "someone it could not name" and means the same.
+    """
+    CREATE TABLE reply_context_authors (
+        reply_id INTEGER NOT NULL REFERENCES replies (id) ON DELETE CASCADE,
+        platform TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        PRIMARY KEY (reply_id, platform, user_id)
+    );
+    CREATE INDEX reply_context_authors_user ON reply_context_authors (platform, user_id);
+    """,
 ]
 
+# What a write raises when the disk is full (SQLITE_FULL), the file or its folder is read-only
+# (SQLITE_READONLY), or the disk fails (SQLITE_IOERR). Caught by name where an outage is handled
+# apart from other failures: the trainer's loop pass and the bot's background poll (one error per
+# outage), and the vote path (ChatCore._cast keeps the change for flush_votes).
+STORE_ERRORS = (sqlite3.Error, OSError)
+# The trainer explores the distinct prompts of the newest replies: ``recent_prompts(n)`` reads
+# the newest n x EXPLORE_READ_FACTOR replies, rated or not. Retention never deletes the newest
+# RETENTION_KEEP_NEWEST replies, so trainer.explore_prompts is capped at their quotient
+# (trainer/config.py; 8 x 4 replies by default), and what the trainer reads is always there.
+EXPLORE_READ_FACTOR = 4
+RETENTION_KEEP_NEWEST = 1000
+MAX_EXPLORE_PROMPTS = RETENTION_KEEP_NEWEST // EXPLORE_READ_FACTOR
+RETENTION_BATCH = 1000       # rows prune_before deletes per transaction (the write lock is held that long)
 
-# The reward rule in SQL, said once (bot/rewards.py says it in Python; tests/test_rewards.py
+
+# The reward rule in SQL, said once (bot/rewards.py says it in Python; tests/test_store.py
 # keeps the two equal): a user's vote on a reply is the sum of their emoji values clipped to
-# [-1, 1]; a reply's reward is the mean over its voters. Both read the replies row as ``r``.
-REWARD_SQL = ("(SELECT AVG(uv) FROM (SELECT MAX(-1.0, MIN(1.0, SUM(value))) AS uv FROM votes v"
+# [-1, 1] (USER_VOTE_SQL, over one user's votes rows); a reply's reward is the mean over its
+# voters. Both read the replies row as ``r``.
+USER_VOTE_SQL = "MAX(-1.0, MIN(1.0, SUM(value)))"
+REWARD_SQL = (f"(SELECT AVG(uv) FROM (SELECT {USER_VOTE_SQL} AS uv FROM votes v"
               " WHERE v.reply_id = r.id GROUP BY user_id))")
 RATED_SQL = "EXISTS (SELECT 1 FROM votes v WHERE v.reply_id = r.id)"
 
@@ -189,7 +226,16 @@ class Store:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+        connecting = aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+        try:
+            db = await connecting
+        except BaseException:
+            # A failed connect stops aiosqlite's (non-daemon) thread without waiting for it: wait
+            # here, while the event loop runs, or it dies later printing "Event loop is closed".
+            thread = getattr(connecting, "_thread", None)
+            if thread is not None and thread.is_alive():
+                await asyncio.to_thread(thread.join, 5)
+            raise
         db.row_factory = aiosqlite.Row
         store = cls(db, path)
         try:
@@ -249,7 +295,10 @@ class Store:
                 yield
                 await self.db.execute("COMMIT")
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (SQLITE_FULL: a full disk);
+                # a second ROLLBACK would hide the real error behind "no transaction is active".
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
                 raise
 
     # Reads fetch everything in one call: a cursor left open between execute and fetch keeps a
@@ -285,13 +334,40 @@ class Store:
     async def add_reply(self, platform: str, channel_id: str, message_id: int | None, version: int, text: str,
                         prompt_ids: list[int], output_ids: list[int], logprobs: list[float],
                         temperature: float, top_p: float, max_new_tokens: int,
-                        created_at: float | None = None) -> int:
-        return await self._write(
-            "INSERT INTO replies (platform, channel_id, message_id, version, text, prompt_ids, output_ids, logprobs,"
-            " temperature, top_p, max_new_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (platform, channel_id, message_id, version, text, json.dumps(prompt_ids), json.dumps(output_ids),
-             json.dumps([round(x, 6) for x in logprobs]), temperature, top_p, max_new_tokens,
-             created_at or time.time()))
+                        created_at: float | None = None, context_authors: Iterable[str] | None = None) -> int:
+        """Record a generated reply; returns its id. ``context_authors``: the ids (on ``platform``)
+        of everyone whose words its prompt may hold (the asker, the authors of the context),
+        written in the same transaction (``reply_context_authors``) for ``forget_user``; ``''``
+        for an author nobody could name. None (not recorded) makes ``forget_user`` treat the
+        reply like one recorded before that table: by its channel rule."""
+        async with self.transaction():
+            cur = await self.db.execute(
+                "INSERT INTO replies (platform, channel_id, message_id, version, text, prompt_ids, output_ids,"
+                " logprobs, temperature, top_p, max_new_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (platform, channel_id, message_id, version, text, json.dumps(prompt_ids), json.dumps(output_ids),
+                 json.dumps([round(x, 6) for x in logprobs]), temperature, top_p, max_new_tokens,
+                 created_at or time.time()))
+            reply_id = cur.lastrowid
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO reply_context_authors (reply_id, platform, user_id) VALUES (?, ?, ?)",
+                [(reply_id, platform, str(u)) for u in sorted({str(u) for u in context_authors or ()})])
+        return reply_id
+
+    async def reply_askers(self, platform: str, platform_message_ids: Iterable[str]) -> list[str]:
+        """The authors of the messages that the bot's replies posted as ``platform_message_ids``
+        answered (sorted, each once). An id that resolves to no one (a reply since deleted by
+        retention or ``/forget``, a notice, a reply whose message is gone) adds ``''``: someone
+        unknown, so ``forget_user`` judges the reply recorded with it by its channel."""
+        ids = sorted({str(i) for i in platform_message_ids})
+        rows = await self._all(
+            "SELECT rm.platform_message_id AS pid, m.author_id FROM reply_messages rm"
+            " JOIN replies r ON r.id = rm.reply_id JOIN messages m ON m.id = r.message_id"
+            " WHERE rm.platform = ? AND m.platform = ? AND rm.platform_message_id IN (SELECT value FROM json_each(?))",
+            (platform, platform, json.dumps(ids)))
+        authors = {r["author_id"] for r in rows}
+        if set(ids) - {r["pid"] for r in rows}:
+            authors.add("")
+        return sorted(authors)
 
     async def link_reply_message(self, reply_id: int, platform: str, platform_message_id: str) -> None:
         await self._write("INSERT OR REPLACE INTO reply_messages (platform, platform_message_id, reply_id) VALUES (?, ?, ?)",
@@ -330,7 +406,8 @@ class Store:
 
     async def recent_prompts(self, limit: int) -> list[list[int]]:
         """The prompts of the newest replies, rated or not, distinct, newest first: at most ``limit``."""
-        rows = await self._all("SELECT prompt_ids FROM replies ORDER BY id DESC LIMIT ?", (limit * 4,))
+        rows = await self._all("SELECT prompt_ids FROM replies ORDER BY id DESC LIMIT ?",
+                               (limit * EXPLORE_READ_FACTOR,))
         seen: dict[str, list[int]] = {}
         for r in rows:
             if r["prompt_ids"] not in seen and len(seen) < limit:
@@ -359,7 +436,7 @@ class Store:
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             rows = await self._all(
-                "SELECT reply_id, user_id, MAX(-1.0, MIN(1.0, SUM(value))) AS vote FROM votes"
+                f"SELECT reply_id, user_id, {USER_VOTE_SQL} AS vote FROM votes"
                 f" WHERE reply_id IN ({','.join('?' * len(chunk))}) GROUP BY reply_id, user_id ORDER BY reply_id, user_id",
                 chunk)
             for r in rows:
@@ -375,6 +452,42 @@ class Store:
         rows = await self._all("SELECT user_id, emoji, value FROM votes WHERE reply_id = ? ORDER BY user_id, emoji",
                                (reply_id,))
         return [(r["user_id"], r["emoji"], r["value"]) for r in rows]
+
+    async def recent_reply_messages(self, platform: str, since: float) -> list[tuple[int, str, list[str]]]:
+        """(reply id, channel, its platform message ids) of every reply on ``platform`` created at
+        or after ``since`` that was sent, oldest first: what reconciling votes reads back."""
+        rows = await self._all(
+            "SELECT r.id, r.channel_id, m.platform_message_id FROM replies r JOIN reply_messages m ON m.reply_id = r.id"
+            " WHERE r.platform = ? AND m.platform = ? AND r.created_at >= ? ORDER BY r.id, m.platform_message_id",
+            (platform, platform, since))
+        out: dict[int, tuple[int, str, list[str]]] = {}
+        for r in rows:
+            out.setdefault(r["id"], (r["id"], r["channel_id"], []))[2].append(r["platform_message_id"])
+        return list(out.values())
+
+    async def replace_votes(self, reply_id: int, votes: dict[tuple[str, str], float],
+                            older_than: float, leave: Collection[tuple[str, str]] = ()) -> tuple[int, int]:
+        """Make a reply's votes ``votes`` ((user, canonical emoji) → value), in one transaction:
+        missing ones are added, changed values set, and stored ones not in ``votes`` deleted,
+        except those written at or after ``older_than`` (a live reaction event that arrived
+        after the platform's list was read is newer than the list). The (user, emoji) keys in
+        ``leave`` (changed live while the list was read, a removal too) are neither written nor
+        deleted. Returns (added or changed, removed)."""
+        async with self.transaction():
+            rows = await self.db.execute_fetchall(
+                "SELECT user_id, emoji, value, created_at FROM votes WHERE reply_id = ?", (reply_id,))
+            have = {(r["user_id"], r["emoji"]): (r["value"], r["created_at"]) for r in rows}
+            gone = [key for key, (_, at) in have.items() if key not in votes and at < older_than and key not in leave]
+            new = [(key, value) for key, value in votes.items()
+                   if key not in leave and (key not in have or have[key][0] != value)]
+            for user, emoji in gone:
+                await self.db.execute("DELETE FROM votes WHERE reply_id = ? AND user_id = ? AND emoji = ?",
+                                      (reply_id, user, emoji))
+            now = time.time()
+            for (user, emoji), value in new:
+                await self.db.execute("INSERT OR REPLACE INTO votes (reply_id, user_id, emoji, value, created_at)"
+                                      " VALUES (?, ?, ?, ?, ?)", (reply_id, user, emoji, value, now))
+        return len(new), len(gone)
 
     # -- versions -------------------------------------------------------------
 
@@ -506,9 +619,12 @@ class Store:
 
         * their messages;
         * every reply whose prompt may hold their words: the replies that answered them, and
-          every later reply in a channel where they wrote (its prompt's context turns are the
-          channel's recent messages, theirs among them; the store keeps no finer record, so it
-          deletes all that could). Votes on those replies go with them (ON DELETE CASCADE);
+          every reply whose recorded context authors (``reply_context_authors``, written by
+          ``add_reply``) name them: their messages, or the bot's replies to them, were in its
+          context. A reply without that record (stored before migration 3, or with an author no
+          one could name) goes when it came later in a channel where they wrote, as it may
+          hold their words. Votes on those replies go with them, and so do the replies'
+          context-author rows, theirs among them (ON DELETE CASCADE);
         * their votes on any reply;
         * their id on the train requests they made (it becomes ``FORGOTTEN``).
 
@@ -538,6 +654,8 @@ class Store:
                                                          "other_votes")}
             await self.db.execute(f"DELETE FROM votes WHERE user_id = :user AND reply_id IN ({_PLATFORM_REPLIES})", who)
             await self.db.execute(f"DELETE FROM replies WHERE id IN ({gone})", who)
+            await self.db.execute("DELETE FROM reply_context_authors WHERE platform = :platform AND user_id = :user",
+                                  who)    # none is left (their replies went): said here, not assumed
             await self.db.execute("DELETE FROM messages WHERE platform = :platform AND author_id = :user", who)
             await self.db.execute("UPDATE train_requests SET requested_by = :gone"
                                   " WHERE platform = :platform AND requested_by = :user", {**who, "gone": FORGOTTEN})
@@ -549,13 +667,72 @@ class Store:
         out["untouched"] = [v["id"] for v in published[::-1] if v["id"] not in out["trained"]]
         return out
 
+    # -- retention --------------------------------------------------------------
 
+    async def prune_before(self, cutoff: float, keep_reply_ids: Iterable[int] = (),
+                           keep_newest: int = RETENTION_KEEP_NEWEST, batch: int = RETENTION_BATCH) -> dict[str, int]:
+        """Retention (``storage.retention_days``): delete what is older than ``cutoff`` and that
+        nothing needs, ``batch`` rows per transaction (a backlog of months does not hold the write
+        lock for long; the result is the same as in one go). Returns how many ``replies`` and
+        ``messages`` were deleted and how many old messages were ``blanked``.
+
+        * Replies created before ``cutoff`` that have no vote, are not among the newest
+          ``keep_newest`` replies and are not in ``keep_reply_ids`` (the replies published
+          versions name in their meta.json) are deleted. Rated replies are never deleted:
+          they are the trainer's window, the reward model's data and every version's
+          like-rate (``/status``, the auto-rollback).
+        * Messages created before ``cutoff`` that ``forget_user`` no longer needs (no reply
+          answered them, and no later reply in their channel lacks its record of context
+          authors) are deleted. The others keep who wrote where and when, with the text and
+          the name blanked, so ``/forget`` still finds the replies whose prompts may hold
+          their words. (A reply with that record names its authors itself.)
+
+        The registry, train requests, rounds and state are never touched."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch!r}")
+        args = {"cutoff": cutoff, "keep": json.dumps(sorted({int(i) for i in keep_reply_ids})),
+                "newest": int(keep_newest), "batch": int(batch)}
+        held = ("EXISTS (SELECT 1 FROM replies r WHERE r.message_id = m.id) OR EXISTS (SELECT 1 FROM replies r"
+                " WHERE r.platform = m.platform AND r.channel_id = m.channel_id AND r.created_at >= m.created_at"
+                f" AND {_UNRECORDED})")
+        # Deleting a row never changes whether another one is to go (the messages' rule reads the
+        # replies, so it runs after them): in batches, the same rows go as in one go.
+        replies = await self._in_batches(
+            f"DELETE FROM replies WHERE id IN (SELECT r.id FROM replies r WHERE r.created_at < :cutoff AND NOT {RATED_SQL}"
+            " AND r.id NOT IN (SELECT value FROM json_each(:keep))"
+            " AND (:newest = 0 OR r.id < (SELECT MIN(id) FROM (SELECT id FROM replies ORDER BY id DESC LIMIT :newest)))"
+            " ORDER BY r.id LIMIT :batch)", args)
+        messages = await self._in_batches(
+            "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m WHERE m.created_at < :cutoff"
+            f" AND NOT ({held}) ORDER BY m.id LIMIT :batch)", args)
+        blanked = await self._in_batches(
+            "UPDATE messages SET text = '', author_name = '' WHERE id IN (SELECT id FROM messages"
+            " WHERE created_at < :cutoff AND (text != '' OR author_name != '') ORDER BY id LIMIT :batch)", args)
+        return {"replies": replies, "messages": messages, "blanked": blanked}
+
+    async def _in_batches(self, sql: str, args: dict) -> int:
+        """Run ``sql`` (which changes at most ``args["batch"]`` rows) in its own transaction until
+        it changes fewer; returns how many rows it changed in all."""
+        total = 0
+        while True:
+            async with self.transaction():
+                n = (await self.db.execute(sql, args)).rowcount
+            total += n
+            if n < args["batch"]:
+                return total
+
+
+# A reply whose context authors are not (all) known: recorded before migration 3, without
+# them, or with an author no one could name (''). /forget and retention judge it by its channel.
+_UNRECORDED = ("(NOT EXISTS (SELECT 1 FROM reply_context_authors a WHERE a.reply_id = r.id)"
+               " OR EXISTS (SELECT 1 FROM reply_context_authors a WHERE a.reply_id = r.id AND a.user_id = ''))")
 # The replies /forget deletes (see Store.forget_user), as a condition on ``replies r`` with the
 # named parameters :platform and :user.
 _FORGET_REPLIES = (
     "r.platform = :platform AND (r.message_id IN (SELECT id FROM messages WHERE platform = :platform AND author_id = :user)"
-    " OR EXISTS (SELECT 1 FROM messages m WHERE m.platform = :platform AND m.author_id = :user"
-    " AND m.channel_id = r.channel_id AND m.created_at <= r.created_at))")
+    " OR r.id IN (SELECT reply_id FROM reply_context_authors WHERE platform = :platform AND user_id = :user)"
+    f" OR ({_UNRECORDED} AND EXISTS (SELECT 1 FROM messages m WHERE m.platform = :platform AND m.author_id = :user"
+    " AND m.channel_id = r.channel_id AND m.created_at <= r.created_at)))")
 _PLATFORM_REPLIES = "SELECT id FROM replies WHERE platform = :platform"
 FORGOTTEN = "(forgotten)"   # what a forgotten person's id becomes where a row must stay (train requests)
 

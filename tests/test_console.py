@@ -150,3 +150,39 @@ def test_only_the_bot_needs_the_chat_tokens(tmp_path, tiny_model_dir):
     trainer = subprocess.run([sys.executable, "-m", "trainer", "--config", str(config), "--check-config"],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert trainer.returncode == 0, trainer.stderr
+
+
+@pytest.mark.parametrize("env", [{}, {"LC_ALL": "C.UTF-8"}], ids=["surrogateescape-stdin", "strict-utf8-stdin"])
+def test_any_bytes_get_a_reply_and_the_console_goes_on(tmp_path, tiny_model_dir, env):
+    """Bytes that are not UTF-8 (Python reads them as lone surrogates, or raises, depending on
+    the locale), NUL, control characters and a 2 MB line: each line is answered, and the next."""
+    config = write_config(tmp_path, tiny_model_dir)
+    lines = [b"caf\xe9 \xff\xfe not utf-8", b"nul\x00 inside\x00", b"ctl \x1b[31m\x07\x08 end",
+             b"z" * (2 * 1024 * 1024) + b" what now?", b"hello there", b"/status"]
+    run_env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **env}
+    out = subprocess.run([sys.executable, "-m", "bot", "--config", str(config)], input=b"\n".join(lines) + b"\n",
+                         capture_output=True, cwd=ROOT, env=run_env, timeout=300)
+    stdout = out.stdout.decode("utf-8", "replace")
+    assert out.returncode == 0, out.stderr.decode("utf-8", "replace")[-2000:]
+    for i in range(1, 6):
+        assert f" [#{i}]\n" in stdout                        # five replies, each tagged with its id
+    assert "Replies: 5, votes: 0" in stdout
+    db = sqlite3.connect(tmp_path / "data" / "reactlearn.sqlite3")
+    texts = [t for (t,) in db.execute("SELECT text FROM messages ORDER BY id")]
+    assert texts[0] == "caf\ufffd \ufffd\ufffd not utf-8" and texts[1] == "nul\x00 inside\x00"
+    assert texts[2] == "ctl \x1b[31m\x07\x08 end" and texts[3].endswith(" what now?") and len(texts[3]) == 4000
+    assert "Traceback" not in out.stderr.decode("utf-8", "replace")
+
+
+async def test_a_failing_store_is_an_apology_and_the_console_goes_on(cfg, store, shared_policy):
+    from bot.adapters.console import Console
+    from bot.chat import STORE_TEXT, ChatCore
+
+    out = io.StringIO()
+    console = Console(ChatCore(cfg, store, shared_policy), out=out)
+    await store.db.execute("PRAGMA query_only = 1")          # SQLite refuses writes: a read-only data folder
+    assert await console.handle_line("hello?") is True
+    assert await console.handle_line("/retrain") is True
+    assert out.getvalue().splitlines() == [f"bot> {STORE_TEXT}", "Sorry, /retrain failed; the error is in the bot's log."]
+    await store.db.execute("PRAGMA query_only = 0")
+    assert await console.handle_line("hello again") is True and console.last_reply == 1

@@ -16,9 +16,10 @@ import pytest
 import pytest_asyncio
 
 from bot.adapters.discord import LIMIT, DiscordAdapter, split_text
-from bot.chat import ChatCore
+from bot.chat import STORE_TEXT, ChatCore
 from bot.config import Config, validate
 from bot.events import Reaction
+from bot.limits import FLOOD_WRITES
 from bot.policy import Policy
 from bot.store import Store
 from tests.conftest import STREAMING, make_config
@@ -31,6 +32,7 @@ from tests.fakes.discord import (
     CAROL_ID,
     FAKE_TOKEN,
     GENERAL_ID,
+    REGULAR_ROLE_ID,
     FakeDiscord,
     running_client,
  SlashNotPermitted)
@@ -597,8 +599,14 @@ async def test_commands_are_synced_to_the_guild(start_bot):
     synced = {c["name"]: c for c in bot.fake.synced_commands[1]}
     assert set(synced) == {"retrain", "status", "rollback", "forget"}
     assert None not in bot.fake.synced_commands                       # nothing global
-    # the test config names Carol an admin, so Discord must show the admin commands to everyone
-    assert [synced[n].get("default_member_permissions") for n in synced] == [None] * 4
+    # the admin commands are registered for Manage Server only, and never in DMs, even though
+    # the test config names Carol an admin (a server admin grants them to her under Integrations)
+    manage_guild = str(1 << 5)
+    for name in ("retrain", "rollback"):
+        assert str(synced[name]["default_member_permissions"]) == manage_guild
+        assert synced[name]["dm_permission"] is False and synced[name]["contexts"] == [0]
+    for name in ("status", "forget"):
+        assert synced[name].get("default_member_permissions") is None
 
 
 async def test_admin_commands_are_hidden_from_members_without_manage_server(start_bot):
@@ -622,9 +630,16 @@ async def test_command_failure_still_answers(start_bot):
 
 async def test_retrain_needs_an_admin(start_bot):
     bot = await start_bot()
-    text = await command(bot, "retrain", user=BOB_ID)
-    assert "Only admins" in text
+    for name, options in (("retrain", {}), ("rollback", {"version": 0})):
+        with pytest.raises(SlashNotPermitted):                        # Discord does not offer it to Bob
+            await command(bot, name, options, user=BOB_ID)
+        # a server admin lets Bob's role use it (Integrations): Discord offers it, the core refuses
+        bot.fake.set_command_permissions(name, [{"id": REGULAR_ROLE_ID, "type": 1, "permission": True}])
+        assert "Only admins" in await command(bot, name, options, user=BOB_ID)
     assert await bot.store.train_requests() == []
+    with pytest.raises(SlashNotPermitted):                            # Carol is named in the config only...
+        await command(bot, "retrain", user=CAROL_ID)
+    bot.fake.set_command_permissions("retrain", [{"id": CAROL_ID, "type": 2, "permission": True}])
 
     text = await command(bot, "retrain", user=ALICE_ID)              # Manage Server via the Admin role
     reqs = await bot.store.train_requests()
@@ -632,7 +647,7 @@ async def test_retrain_needs_an_admin(start_bot):
         (str(ALICE_ID), "discord", str(GENERAL_ID), "pending")]
     assert f"#{reqs[0]['id']}" in text
 
-    text = await command(bot, "retrain", user=CAROL_ID, channel_id=BOT_CHAT_ID)   # configured admin id, no role
+    text = await command(bot, "retrain", user=CAROL_ID, channel_id=BOT_CHAT_ID)   # ...until allowed there
     reqs = await bot.store.train_requests()
     assert len(reqs) == 2 and reqs[1]["requested_by"] == str(CAROL_ID) and reqs[1]["channel_id"] == str(BOT_CHAT_ID)
     assert f"#{reqs[1]['id']}" in text
@@ -652,7 +667,8 @@ async def test_rollback_and_status(start_bot):
     text = await command(bot, "rollback", {"version": 99}, user=ALICE_ID)
     assert "no version 99" in text
     assert await bot.store.active_version() == 0 and bot.core.policy.active_version == 0
-    assert "Only admins" in await command(bot, "rollback", {"version": 0}, user=BOB_ID)
+    with pytest.raises(SlashNotPermitted):
+        await command(bot, "rollback", {"version": 0}, user=BOB_ID)
 
     rec = await bot.fake.slash("status", {}, BOB_ID)
     msg = await bot.fake.wait_interaction_message(rec, timeout=20)
@@ -672,6 +688,9 @@ async def test_forget(start_bot):
         for voter in (ALICE_ID, BOB_ID):
             assert await react(bot.fake, BOT_CHAT_ID, reply["id"], voter, UP) == "added"
     assert await bot.count("votes") == 4
+    # each reply records whose words its context held, as the adapter named them: alice's held bob's
+    assert await bot.count("reply_context_authors", "user_id = ?", str(BOB_ID)) == 2
+    assert await bot.count("reply_context_authors", "user_id = ''") == 0
 
     text = await command(bot, "forget", {"user": ALICE_ID}, user=BOB_ID)
     assert "only forget yourself" in text
@@ -680,7 +699,8 @@ async def test_forget(start_bot):
     text = await command(bot, "forget", user=BOB_ID)
     # Alice asked after Bob in the same channel: Bob's words may be in her reply's context, so
     # that reply goes too (with both votes on it); her own message stays
-    assert "1 messages, 2 replies, 2 votes deleted. 1 of the replies answered other people" in text
+    assert ("1 messages, 2 replies, 2 votes deleted. 1 of the replies answered other people with their words in "
+            "the context") in text
     assert await bot.count("messages", "author_id = ?", str(BOB_ID)) == 0
     assert await bot.count("votes", "user_id = ?", str(BOB_ID)) == 0
     assert await bot.count("messages", "author_id = ?", str(ALICE_ID)) == 1
@@ -769,3 +789,118 @@ async def test_retrain_end_to_end(start_bot):
     assert r.version == 1 and len(r.logprobs) == len(r.output_ids)
     assert {(await bot.store.get_reply(i)).version for i in replies} == {0}
     assert "Active version: v1 (serving v1)" in await command(bot, "status", user=BOB_ID)
+
+
+# -- trust: any text, failures, floods, gone channels ------------------------------------------
+
+
+def core_records(caplog, level=30) -> list:
+    return [r for r in caplog.records if r.levelno >= level and r.name == "bot.chat"]
+
+
+# The gateway carries JSON: a lone surrogate arrives as a "\ud800" escape (the fake's json.dumps
+# writes it so) and discord.py's json.loads turns it into a lone surrogate in a str.
+ANY_TEXT = {
+    "surrogates": "lone \ud800 surrogates \udfff here",
+    "nul": "nul\x00 bytes\x00\x00 inside",
+    "controls": "controls \x1b[31m red \r\x07\x08\x7f\x85 end",
+    "4MB": "y" * (4 * 1024 * 1024) + " what now?",
+}
+
+
+@pytest.mark.parametrize("kind", list(ANY_TEXT))
+async def test_any_text_gets_a_reply_and_the_bot_keeps_serving(start_bot, caplog, kind):
+    text = ANY_TEXT[kind]
+    bot = await start_bot()
+    msg, reply = await bot.ask(BOT_CHAT_ID, BOB_ID, text)
+    assert reply["message_reference"]["message_id"] == msg["id"] and reply["content"]
+    rid = await bot.reply_id(reply)
+    stored = (await bot.one("SELECT m.text FROM replies r JOIN messages m ON m.id = r.message_id WHERE r.id = ?",
+                            rid))[0]
+    expected = text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd").strip()
+    assert stored == expected[-bot.cfg.chat.max_message_chars:]
+    # the next message (its context holds the odd one, read back over REST) is answered too
+    msg2, reply2 = await bot.ask(BOT_CHAT_ID, ALICE_ID, "and now something else")
+    assert reply2["message_reference"]["message_id"] == msg2["id"]
+    await bot.reply_id(reply2)
+    assert core_records(caplog) == []
+    assert not [r for r in caplog.records if r.getMessage().startswith("Ignoring exception")]
+
+
+async def test_a_store_that_refuses_writes_answers_with_an_apology(start_bot, caplog):
+    bot = await start_bot()
+    await bot.store.db.execute("PRAGMA query_only = 1")        # SQLite refuses writes, as on a read-only disk
+    msg, notice = await bot.ask(BOT_CHAT_ID, BOB_ID, "hello?")
+    assert notice["content"] == STORE_TEXT and notice["message_reference"]["message_id"] == msg["id"]
+    [rec] = core_records(caplog)
+    assert "could not store the message" in rec.getMessage()
+    assert not [r for r in caplog.records if r.getMessage().startswith("Ignoring exception")]
+    await bot.store.db.execute("PRAGMA query_only = 0")
+    _, reply = await bot.ask(BOT_CHAT_ID, BOB_ID, "hello again")       # it serves again by itself
+    await bot.reply_id(reply)
+    assert not [r for r in bot.fake.reactions_by_bot if r["message_id"] == int(notice["id"])]   # no vote buttons
+
+
+async def test_a_reaction_flood_costs_bounded_writes_and_stores_the_final_state(start_bot, caplog):
+    bot = await start_bot()
+    fake = bot.fake
+    _, reply = await bot.ask(BOT_CHAT_ID, BOB_ID, "vote on me")
+    rid = await bot.reply_id(reply)
+    await bot.seeded(reply)
+    assert await react(fake, BOT_CHAT_ID, reply["id"], CAROL_ID, DOWN) == "added"
+    mark, before = len(_outcomes), bot.store.db.total_changes
+    logged = len([r for r in caplog.records if r.name == "bot.chat"])
+    for i in range(501):                                    # Alice toggles 👍: add, remove, ..., add
+        await fake.react(BOT_CHAT_ID, reply["id"], ALICE_ID, UP, add=i % 2 == 0)
+    await eventually(lambda: _at_least(len(_outcomes) - mark, 501), timeout=60)
+    outcomes = [o for _, o in _outcomes[mark:]]
+    assert outcomes[:FLOOD_WRITES] == ["added", "removed"] * (FLOOD_WRITES // 2)
+    assert all(o.startswith("held") for o in outcomes[FLOOD_WRITES:])
+    assert bot.store.db.total_changes - before == FLOOD_WRITES
+    assert await bot.core.flush_votes() == 1                # what run_background does every poll
+    assert sorted(await bot.store.votes_for(rid)) == [(str(ALICE_ID), UP, 1.0), (str(CAROL_ID), DOWN, -1.0)]
+    assert fake.reactions_on(int(reply["id"]))[UP] == [BOT_ID, ALICE_ID]     # what Discord shows, the same
+    assert bot.store.db.total_changes - before == FLOOD_WRITES + 1
+    assert len([r for r in caplog.records if r.name == "bot.chat"]) - logged <= FLOOD_WRITES + 2
+
+
+async def test_held_votes_are_written_by_the_background_poll(start_bot):
+    bot = await start_bot(background=True)
+    _, reply = await bot.ask(BOT_CHAT_ID, BOB_ID, "vote on me")
+    rid = await bot.reply_id(reply)
+    await bot.seeded(reply)
+    mark = len(_outcomes)
+    for i in range(FLOOD_WRITES + 3):                      # ends on "add": held, then written by the poll
+        await bot.fake.react(BOT_CHAT_ID, reply["id"], ALICE_ID, UP, add=i % 2 == 0)
+    await eventually(lambda: _at_least(len(_outcomes) - mark, FLOOD_WRITES + 3))
+    assert _outcomes[-1][1].startswith("held")
+    assert await eventually(lambda: bot.store.votes_for(rid)) == [(str(ALICE_ID), UP, 1.0)]
+
+
+@pytest.mark.parametrize("gone", ["deleted", "no access"])
+async def test_a_result_for_a_gone_channel_is_given_up_at_once(start_bot, caplog, gone):
+    bot = await start_bot()
+    fake = bot.fake
+    if gone == "deleted":
+        await fake.delete_channel(GENERAL_ID)
+        await eventually(lambda: _true(bot.adapter.client.get_channel(GENERAL_ID) is None))
+    else:
+        fake.fail("POST", f"/channels/{GENERAL_ID}/messages", status=403, code=50001, message="Missing Access")
+    rid = await bot.store.add_train_request("discord", str(GENERAL_ID), str(ALICE_ID))
+    await bot.store.set_request_status(rid, "done", "v1 published")
+    assert await bot.core.post_results({"discord": bot.adapter.post}) == 1        # given up on the first try
+    assert await bot.store.unnotified_results() == []
+    tries = [r for r in fake.requests if r[1] in (f"/channels/{GENERAL_ID}", f"/channels/{GENERAL_ID}/messages")]
+    assert tries == ([("GET", f"/channels/{GENERAL_ID}")] if gone == "deleted"
+                     else [("POST", f"/channels/{GENERAL_ID}/messages")])
+    [warning] = [r for r in caplog.records if r.levelno >= 30 and r.name.startswith("bot")]
+    assert f"dropped a trainer result for channel {GENERAL_ID}: 40" in warning.getMessage()
+    # the bot goes on posting elsewhere
+    other = await bot.store.add_train_request("discord", str(BOT_CHAT_ID), str(ALICE_ID))
+    await bot.store.set_request_status(other, "done", "v2 published")
+    assert await bot.core.post_results({"discord": bot.adapter.post}) == 1
+    assert (await fake.wait_bot_message(BOT_CHAT_ID))["content"] == f"Retrain #{other}: v2 published"
+
+
+async def _true(value: bool) -> bool:
+    return value

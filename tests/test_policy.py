@@ -164,3 +164,20 @@ def test_fast_engine_logprobs_are_its_own_sampling_distribution(peaky_model_dir,
         assert abs(math.log(p) - float(fp32[token])) < 0.1
     top = counts.most_common(1)[0][0]
     assert abs(next(iter(recorded[top])) - float(untempered[top])) > 0.1    # the temperature is applied
+
+
+async def test_installing_a_version_after_close_raises_instead_of_waiting_forever(tmp_path, tiny_model_dir, store_for):
+    from tests.trainer_helpers import tiny_config, trainer_config
+    from trainer.learner import Learner
+    from trainer.publish import publish
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, serving={"engine": "torch"})
+    store = await store_for(cfg)
+    cand = Learner(cfg, trainer_config(cfg)).candidate(None, seed=0)
+    folder = await publish(store, cfg.versions_dir, version=1, parent=0, model=cand.model, kind=cand.kind, meta={},
+                           metrics={"last_reply_id": 0})
+    p = Policy.from_config(cfg)
+    p.close()                             # its lanes are gone: an install queued now would never run
+    with pytest.raises(RuntimeError, match="the policy is closed"):
+        await asyncio.wait_for(p.install_version(1, folder, (await store.get_version(1)).sha256), 60)
+    assert not p.is_loaded(1)

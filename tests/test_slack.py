@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bot.adapters.slack import SlackAdapter, escape, parse_command, slack_name, split_text
-from bot.chat import ChatCore
+from bot.chat import STORE_TEXT, ChatCore
+from bot.limits import FLOOD_WRITES
 from bot.policy import Policy
 from bot.rewards import THUMBS_DOWN, THUMBS_UP
 from bot.store import Store
@@ -211,6 +212,9 @@ async def test_thread_reply_continues_the_context(tmp_path, tiny_model_dir):
         if first_text:
             assert first_text in prompt                  # the bot's own reply is an assistant turn
         assert prompt.count("and another one") == 1      # the message itself is not also history
+        # whose words the context held, as the adapter named them (for /forget): alice's and bob's
+        assert await bot.rows("SELECT user_id FROM reply_context_authors WHERE reply_id = ? ORDER BY user_id",
+                              (second_id,)) == [("U1",), ("U2",)]
 
         # not addressed: a top-level message, and a thread the bot is not in
         other = await fake.user_message("C1", "U1", "just chatting")
@@ -440,7 +444,7 @@ async def test_malformed_events_are_logged_and_skipped(tmp_path, tiny_model_dir,
         _, reply, reply_id = await ask(bot, "D1", "U1", "first")
         await fake.wait_bot_reaction("D1", reply["ts"], "-1")
         # a message without text (an optional field) is an empty message: answered in a DM
-        blank = fake._next_ts()
+        blank = fake.next_ts()
         await fake.push_event({"type": "message", "channel": "D1", "user": "U1", "ts": blank, "channel_type": "im"})
         await fake.wait_bot_reaction("D1", (await fake.wait_bot_message("D1", thread_ts=blank))["ts"], "-1")
         await settle(fake)
@@ -448,7 +452,7 @@ async def test_malformed_events_are_logged_and_skipped(tmp_path, tiny_model_dir,
 
         for event, _ in MALFORMED.values():
             if isinstance(event, dict):
-                event = {"ts": fake._next_ts(), **event}
+                event = {"ts": fake.next_ts(), **event}
                 if event.get("item") == "REPLY":
                     event["item"] = {"type": "message", "channel": "D1", "ts": reply["ts"]}
             await fake.push_event(event)
@@ -650,3 +654,73 @@ async def test_rate_limited_calls_are_waited_out(tmp_path, tiny_model_dir):
         await fake.wait_bot_reaction("C1", reply["ts"], "+1")
         await fake.wait_bot_reaction("C1", reply["ts"], "-1")
         assert [c.status for c in fake.calls_to("reactions.add")][:2] == [429, 200]
+
+
+# -- trust: any text, a failing store, reaction floods ------------------------------------
+
+
+def core_errors(caplog) -> list:
+    return [r for r in caplog.records if r.levelno >= 30 and r.name == "bot.chat"]
+
+
+# Socket Mode frames are JSON: a lone surrogate arrives as a "\ud800" escape, which json.loads
+# turns into a lone surrogate in a str. 1 MB: slack_sdk's client refuses frames over 4 MiB, and
+# Slack itself cuts message text at 40,000 characters.
+ANY_TEXT = {
+    "surrogates": "lone \ud800 surrogates \udfff here",
+    "nul": "nul\x00 bytes\x00\x00 inside",
+    "controls": "controls \x1b[31m red \r\x07\x08\x7f\x85 end",
+    "1MB": "y" * (1024 * 1024) + " what now?",
+}
+
+
+@pytest.mark.parametrize("kind", list(ANY_TEXT))
+async def test_any_text_gets_a_reply_and_the_bot_keeps_serving(tmp_path, tiny_model_dir, caplog, kind):
+    text = ANY_TEXT[kind]
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        ts, reply, reply_id = await ask(bot, "C1", "U1", text, mention_bot=True)
+        assert reply["thread_ts"] == ts
+        [(stored,)] = await bot.rows("SELECT text FROM messages")
+        expected = text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd").strip()
+        assert stored == expected[-bot.cfg.chat.max_message_chars:]
+        _, reply2, _ = await ask(bot, "C1", "U2", "and now something else", mention_bot=True)   # still serving
+        assert reply2["text"]
+        assert core_errors(caplog) == []
+
+
+async def test_a_store_that_refuses_writes_answers_with_an_apology(tmp_path, tiny_model_dir, caplog):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        await bot.store.db.execute("PRAGMA query_only = 1")      # SQLite refuses writes, as on a read-only disk
+        ts = await fake.user_message("C1", "U1", "hello?", mention_bot=True)
+        notice = await fake.wait_bot_message("C1", thread_ts=ts)
+        assert notice["text"] == escape(STORE_TEXT)
+        [rec] = core_errors(caplog)
+        assert "could not store the message" in rec.getMessage()
+        await bot.store.db.execute("PRAGMA query_only = 0")
+        await ask(bot, "C1", "U1", "hello again", mention_bot=True)    # serving again by itself
+        await settle(fake)
+        assert not [r for r in fake.bot_reactions if r.get("ts") == notice["ts"]]   # no seeds on the notice
+
+
+async def test_a_reaction_flood_costs_bounded_work_and_stores_the_final_state(tmp_path, tiny_model_dir, caplog):
+    async with slack_bot(tmp_path, tiny_model_dir) as bot:
+        fake = bot.fake
+        ts, reply, reply_id = await ask(bot, "C1", "U1", "vote on me", mention_bot=True)
+        await fake.wait_bot_reaction("C1", reply["ts"], "-1")
+        await settle(fake)
+        before, lookups = bot.store.db.total_changes, len(fake.calls_to("users.info"))
+        handled = lambda: [r for r in caplog.records if r.name == "bot.adapters.slack"
+                           and r.getMessage().startswith(f"slack: reaction :+1: on C1/{reply['ts']} by U2")]
+        logged = len([r for r in caplog.records if r.name == "bot.chat"])
+        for i in range(501):                                  # U2 toggles 👍: add, remove, ..., add
+            await fake.react("C1", reply["ts"], "U2", "+1", add=i % 2 == 0)
+        await until(lambda: len(handled()) == 501, timeout=60, what="501 reactions handled")
+        assert len(fake.calls_to("users.info")) - lookups <= 1      # one lookup of U2, not one per event
+        # slack_sdk hands events over concurrently, so toggles may arrive swapped: their event_ts
+        # keeps them in order (a late older one is dropped), and the writes stay bounded
+        assert bot.store.db.total_changes - before <= FLOOD_WRITES
+        assert await bot.core.flush_votes() <= 1                    # what the background poll does
+        assert await bot.rows("SELECT user_id, emoji, value FROM votes") == [("U2", THUMBS_UP, 1.0)]
+        assert bot.store.db.total_changes - before <= FLOOD_WRITES + 1
+        assert len([r for r in caplog.records if r.name == "bot.chat"]) - logged <= FLOOD_WRITES + 2

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from bot.rewards import reply_reward
+from bot.rewards import reply_reward, user_value
 from bot.store import FORGOTTEN, MIGRATIONS, Store
 
 EXPECTED_TABLES = {
@@ -16,6 +16,7 @@ EXPECTED_TABLES = {
     "replies": ["id", "platform", "channel_id", "message_id", "version", "text", "prompt_ids", "output_ids",
                 "logprobs", "temperature", "top_p", "max_new_tokens", "created_at"],
     "reply_messages": ["platform", "platform_message_id", "reply_id"],
+    "reply_context_authors": ["reply_id", "platform", "user_id"],
     "votes": ["reply_id", "user_id", "emoji", "value", "created_at"],
     "train_requests": ["id", "platform", "channel_id", "requested_by", "created_at", "status", "result",
                        "finished_at", "notified_at"],
@@ -89,6 +90,9 @@ async def test_reward_sql_matches_the_pure_rule(store):
     r = await store.get_reply(rid)
     assert r.reward == pytest.approx(reply_reward(votes)) == pytest.approx((0 + 1 - 1) / 3)
     assert r.n_voters == 3
+    # each user's clipped vote (what the trainer's per-user cap weighs) is the pure rule's too
+    per_user = {u: user_value(v for uu, _, v in votes if uu == u) for u in ("a", "b", "c")}
+    assert dict((await store.user_votes([rid]))[rid]) == pytest.approx(per_user) == {"a": 0.0, "b": 1.0, "c": -1.0}
     assert await store.remove_vote(rid, "c", "👎")
     assert (await store.get_reply(rid)).reward == pytest.approx((0 + 1 - 0.5) / 3)
 

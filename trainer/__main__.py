@@ -4,9 +4,11 @@
 
 - One trainer per data_dir: an flock on ``data_dir/trainer.lock``; a second one exits
   with a message and exit code 2.
-- At start: remove leftovers of crashed publishes (``versions/.tmp-*``, unregistered
-  version folders) and fail train requests left "running" by a trainer that died
-  mid-round (a crash may be caused by the request, so it is not retried blindly).
+- At start: remove leftovers of crashed publishes and prunes (``versions/.tmp-*``,
+  ``versions/.trash-*``, unregistered version folders) and settle what a trainer that died
+  mid-round left "running" (``trainer/recover.py``): a round whose version was committed
+  counts as published (or rejected) and its requests as done; the others fail (a crash may
+  be caused by the request, so it is not retried blindly).
 - Heartbeat: state key ``trainer_heartbeat`` (unix time) every ``heartbeat_seconds``,
   also during a round (the round's compute runs in a worker thread).
 - Train requests (/retrain) are picked up within a couple of seconds; all pending ones
@@ -39,19 +41,33 @@ import fcntl  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
+import sqlite3  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bot.config import ConfigError, load_config  # noqa: E402
-from bot.store import Store  # noqa: E402
+from bot.config import ConfigError, check_paths, load_config  # noqa: E402
+from bot.store import STORE_ERRORS, Store  # noqa: E402
 from trainer.config import TrainerConfig, load_trainer_config  # noqa: E402
 
 log = logging.getLogger("trainer")
 LOCK_NAME = "trainer.lock"
 ATTEMPTED_KEY = "trainer_last_attempted_reply_id"
 REQUEST_POLL_SECONDS = 2.0
+
+
+OUTAGE_NOTE = " (the store failed before this was reported; recorded once it worked again)"
+
+
+def outage(e: BaseException) -> str:
+    """What a loop pass's store or file error was, in words: the store (the SQLite file) or a
+    file (a version's), and whether the disk is full or read-only (``bot.process.disk_problem``)."""
+    disk, store = process.disk_problem(e), isinstance(e, sqlite3.Error)
+    if disk:
+        where = f"{'the store' if store else 'a file'} can't be written: the disk is {disk}"
+    else:
+        where = "the store failed" if store else "a file operation failed"
+    return f"{where} ({type(e).__name__}: {e})"
 
 
 class AlreadyRunning(Exception):
@@ -64,7 +80,11 @@ def acquire_lock(data_dir: Path):
     Raises AlreadyRunning with a message naming the holder's pid and the lock file."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / LOCK_NAME
-    f = open(path, "a+")
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise process.StartupError(f"cannot start: the lock file {path} can't be opened ({e.strerror or e}). "
+                                   "It must be a file this user can write; remove whatever is in its place.") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -90,6 +110,7 @@ class Trainer:
         self.learner = Learner(cfg, tcfg)
         self.store: Store | None = None
         self._signals = 0
+        self._store_failing = ""        # why the last loop pass failed (a store or disk error, see _turn); '' if it did not
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -102,12 +123,15 @@ class Trainer:
 
     async def run(self, once: bool = False) -> int:
         from trainer.publish import clean_stale
-        from trainer.rollback import check_rollback
+        from trainer.recover import settle_unfinished
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.store = store = await Store.open(self.cfg.db_path, synchronous=self.cfg.storage.synchronous)
+        try:
+            self.store = store = await Store.open(self.cfg.db_path, synchronous=self.cfg.storage.synchronous)
+        except (sqlite3.Error, OSError, RuntimeError) as e:     # RuntimeError: a schema newer than this code
+            raise process.StartupError(process.store_problem(self.cfg.db_path, e)) from None
         beat = health = None
         try:
             health, problem = await self._start_health()
@@ -115,21 +139,12 @@ class Trainer:
                 return process.fail(problem)
             beat = asyncio.create_task(self._heartbeat())
             await clean_stale(store, self.cfg.versions_dir)
-            for req in await store.train_requests("running"):
-                await store.set_request_status(req["id"], "failed", "the trainer stopped unexpectedly during this "
-                                                                    "round; ask again with /retrain")
-                log.warning("request #%d was left running by a crashed trainer; marked failed", req["id"])
-            if n := await store.fail_unfinished_rounds("the trainer stopped unexpectedly during this round"):
-                log.warning("%d round(s) left running by a crashed trainer; marked failed", n)
+            await settle_unfinished(store)      # rounds and requests a killed trainer left running
             log.info("trainer ready: data %s, model %s, active v%d", self.cfg.data_dir, self.cfg.model.name,
                      await store.active_version())
             next_scheduled = 0.0
             while not self.stop.is_set():
-                await check_rollback(store, self.tcfg)
-                served = await self.serve_requests()
-                if not served and (once or time.monotonic() >= next_scheduled):
-                    next_scheduled = time.monotonic() + self.tcfg.interval_seconds
-                    await self.scheduled_round()
+                next_scheduled = await self._turn(once, next_scheduled)
                 if once:
                     break
                 self.wake.clear()
@@ -148,6 +163,35 @@ class Trainer:
             await store.close()
         log.info("trainer stopped")
         return 0
+
+    async def _turn(self, once: bool, next_scheduled: float) -> float:
+        """One pass of the loop: the auto-rollback check, pending requests, else a due round.
+        Returns when the next scheduled round is due. A store that can't be written (a full
+        disk, a read-only data folder) or a file that can't be (a version's, on the same disk)
+        costs this pass, not the trainer: logged once, and the next pass tries again, so it goes
+        on by itself once there is room. The first pass after such a failure settles what it
+        left "running" (its round, its train requests: trainer/recover.py), so every request
+        still ends "done" or "failed" and is answered."""
+        from trainer.recover import settle_unfinished
+        from trainer.rollback import check_rollback
+
+        try:
+            if self._store_failing:
+                await settle_unfinished(self.store, self._store_failing, OUTAGE_NOTE)
+            await check_rollback(self.store, self.tcfg)
+            served = await self.serve_requests()
+            if not served and (once or time.monotonic() >= next_scheduled):
+                next_scheduled = time.monotonic() + self.tcfg.interval_seconds
+                await self.scheduled_round()
+        except STORE_ERRORS as e:      # an outage is logged once, as an error, however long it lasts
+            why = outage(e)
+            (log.debug if self._store_failing else log.error)("%s; trying again every %gs", why, REQUEST_POLL_SECONDS)
+            self._store_failing = self._store_failing or why
+            return next_scheduled
+        if self._store_failing:
+            log.warning("the trainer's writes work again (after: %s); it goes on", self._store_failing)
+            self._store_failing = ""
+        return next_scheduled
 
     async def _start_health(self):
         """(the /healthz and /metrics server, '') when health.trainer_port is set, (None, '') when
@@ -219,7 +263,7 @@ class Trainer:
 
 
 def config_help() -> str:
-    """The [trainer] table with every setting at its default, each under its help text."""
+    """The [trainer] table with every setting at its default, each under its help text and valid range."""
     import dataclasses
     import json
     import textwrap
@@ -227,7 +271,8 @@ def config_help() -> str:
     lines = ["[trainer]"]
     for f in dataclasses.fields(TrainerConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines += [f"# {line}" for line in textwrap.wrap(f.metadata["help"], 96)]
+        valid = f" Valid: {f.metadata['range']}." if "range" in f.metadata else ""
+        lines += [f"# {line}" for line in textwrap.wrap(f.metadata["help"] + valid, 96)]
         lines.append(f"{f.name} = {json.dumps(default)}")
     return "\n".join(lines)
 
@@ -254,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         return process.fail(f"config error: {e}")
     if args.health_port is not None:
         cfg.health.trainer_port = args.health_port
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        return process.fail(f"{'config error' if args.check_config else 'cannot start'}: {e}")
     if args.check_config:
         print(f"config OK: data_dir {cfg.data_dir}, model {cfg.model.name}, trainer "
               f"{'full fine-tune' if tcfg.full_finetune else f'LoRA r={tcfg.lora_rank}'}, lr {tcfg.lr:g}, "
@@ -266,13 +315,20 @@ def main(argv: list[str] | None = None) -> int:
         return process.fail(problem)
     try:
         lock = acquire_lock(data_dir)
-    except AlreadyRunning as e:
+    except (AlreadyRunning, process.StartupError) as e:
         return process.fail(str(e))
     try:
         return asyncio.run(Trainer(cfg, tcfg).run(once=args.once))
+    except process.StartupError as e:
+        return process.fail(str(e))
+    except Exception as e:  # noqa: BLE001 - whatever it is, exit non-zero with one line (Restart=on-failure)
+        line = process.disk_stop_line("trainer", e, data_dir)
+        if not line:
+            log.exception("the trainer stopped")
+        return process.fail(line or f"the trainer stopped: {type(e).__name__}: {e}")
     finally:
         lock.close()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process.run_main(main)

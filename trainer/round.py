@@ -213,7 +213,7 @@ async def _model(r: _Round) -> tuple[Candidate, dict | None]:
     cand = await asyncio.to_thread(r.learner.candidate, start, r.seed, r.tcfg)
     opt_state = None
     if cand.kind == "lora" and r.tcfg.keep_optimizer and cand.note.startswith("continuing"):
-        opt_state, why = await asyncio.to_thread(read_version_optimizer, Path(start.path))
+        opt_state, why = await asyncio.to_thread(read_version_optimizer, Path(start.path), cand.model)
         kept = ", its optimizer state" if opt_state else f", a fresh optimizer ({why})"
         cand = replace(cand, note=cand.note + kept)
     log.info("candidate: %s, %s", cand.kind, cand.note)
@@ -229,8 +229,8 @@ async def _explore(r: _Round, cand: Candidate) -> RoundResult | None:
     if t.reward_model:
         replies = await r.store.rated_replies(time.time(), limit=t.reward_model_window)
         weights = weigh(replies, await r.store.user_votes([x.id for x in replies]), t.max_user_share)
-        previous = r.learner.reward_model or await asyncio.to_thread(_saved_reward_model, await
-                                                                     r.store.get_version(r.parent))
+        previous = r.learner.reward_model or await asyncio.to_thread(
+            _saved_reward_model, await r.store.get_version(r.parent), versions.max_reward_model_bytes(r.learner.base))
         r.reward_model, r.rm_report = await asyncio.to_thread(fit_on_votes, r.learner.features(), replies, previous,
                                                               t.reward_model_l2, weights)
         log.info("reward model: %s", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
@@ -274,11 +274,12 @@ def _explored(r: _Round, cand: Candidate, prompts: list[list[int]], weight: floa
     return rloo_examples(samples, rewards, s.temperature, weight)
 
 
-def _saved_reward_model(version) -> RewardModel | None:
-    """The reward model published with ``version`` (None for v0, or when it has none/a bad one)."""
+def _saved_reward_model(version, limit: int) -> RewardModel | None:
+    """The reward model published with ``version`` (None for v0, or when it has none/a bad one,
+    or one over ``limit`` bytes)."""
     if version is None or not version.path:
         return None
-    state, why = versions.read_version_side_file(Path(version.path), versions.REWARD_MODEL_FILE)
+    state, why = versions.read_version_side_file(Path(version.path), versions.REWARD_MODEL_FILE, limit)
     if state is None:
         log.info("reward model: none saved with v%d (%s)", version.id, why)
         return None
@@ -348,5 +349,5 @@ def _metrics(r: _Round, cand: Candidate, stats: TrainStats, report: GateReport) 
             "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
             "offpolicy_mean": stats.offpolicy_mean, "offpolicy_max": stats.offpolicy_max,
             "is_truncated": stats.is_truncated,
-            "n_explored": len(r.explored), **r.rm_report,
+            "n_explored": len(r.explored), **r.rm_report, "round_id": r.round_id,   # trainer/recover.py
             "kind": cand.kind, "start": cand.note, "seconds": r.timings, **report.as_metrics()}

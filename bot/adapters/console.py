@@ -137,7 +137,8 @@ class Console:
             reply.end(f" [#{reply_id}]" if reply_id is not None else "")
         if reply_id is not None:
             self.last_reply = reply_id
-            self.history += [HistoryItem(self.user, text, False), HistoryItem("bot", reply.text, True)]
+            self.history += [HistoryItem(self.user, text, False, author_id=self.user),
+                             HistoryItem("bot", reply.text, True)]
 
     async def _vote(self, reply_id: int | None, up: bool | None) -> bool:
         if reply_id is None:
@@ -176,6 +177,8 @@ class Console:
 async def run_console(core: ChatCore, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     """Read lines until /quit or end of input; trainer results are printed as they come."""
     console = Console(core, out=out)
+    if hasattr(stdin, "reconfigure"):      # bytes that are not UTF-8 read as U+FFFD, never end the loop
+        stdin.reconfigure(errors="replace")
     interactive = stdin.isatty()
     if interactive:
         console.say("reactlearn playground: type a message; + / - to vote; /help for commands.")

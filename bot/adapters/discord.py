@@ -10,6 +10,12 @@ are no longer in discord.py's message cache still count. Slash commands are chec
 for admin rights in ChatCore (Manage Server, or configured role/user ids), not only
 by Discord's default_member_permissions.
 
+Reactions given or taken back while the bot was away count too: on ``on_ready`` (connecting,
+and every fresh session) and ``on_resumed`` (a RESUMEd reconnect) ``backfill`` reads, in the
+background, the reactions on the bot's replies of the last ``chat.backfill_hours`` (the
+message, then each voting emoji's REST user list) and ChatCore makes the stored votes exactly
+those; a reply whose message can't be read keeps its votes.
+
 Odd payloads never stop the bot: a gateway event that discord.py itself cannot parse (its
 parsers raise, and an exception there would end ``client.start``) is logged and dropped,
 except READY (without it nothing works, so that one still fails loudly); the handlers here
@@ -19,6 +25,7 @@ reference) and turn it into payloads or nothing.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -32,6 +39,7 @@ from bot.chat import ChatCore
 from bot.config import Config
 from bot.events import Command, HistoryItem, Message, Reaction
 from bot.streaming import ShownReply
+from bot.rerun import Rerun
 
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
@@ -39,6 +47,11 @@ LIMIT = 2000   # Discord's message length limit
 EDIT_SECONDS = 1.2   # between edits of a streamed reply: Discord allows 5 per 5 s per channel
 USER_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 UNGUARDED_EVENTS = {"READY"}   # gateway events whose parse failure should still end the connection
+ADMIN_PERMISSIONS = discord.Permissions(manage_guild=True)   # who Discord shows /retrain and /rollback to
+# REST errors that retrying a trainer result later will not fix: the channel is gone (10003
+# Unknown Channel) or the bot may not see or write there (50001 Missing Access, 50013 Missing
+# Permissions). Like Slack's PERMANENT_ERRORS, the result is then dropped at once.
+GONE_CHANNEL_ERRORS = (discord.NotFound, discord.Forbidden)
 
 
 def _guarded(event: str, parse: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -131,11 +144,15 @@ class DiscordAdapter:
         self.client.event(self.on_message)
         self.client.event(self.on_raw_reaction_add)
         self.client.event(self.on_raw_reaction_remove)
+        self._backfill = Rerun(self.backfill, "discord: reconciling votes")
+        self.client.event(self.on_ready)
+        self.client.event(self.on_resumed)
 
     async def start(self, token: str) -> None:
         await self.client.start(token)
 
     async def close(self) -> None:
+        self._backfill.cancel()
         await self.client.close()
 
     async def _setup_hook(self) -> None:
@@ -195,7 +212,8 @@ class DiscordAdapter:
 
     def _item(self, m: discord.Message) -> HistoryItem | None:
         try:
-            return HistoryItem(m.author.display_name, self._clean(m), m.author.id == self._bot_id())
+            return HistoryItem(m.author.display_name, self._clean(m), m.author.id == self._bot_id(),
+                               author_id=str(m.author.id), message_id=str(m.id))
         except (AttributeError, TypeError, ValueError) as e:     # a message discord.py built half
             log.warning("discord: left message %s out of the context: %s", getattr(m, "id", "?"), e)
             return None
@@ -255,6 +273,39 @@ class DiscordAdapter:
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
         await self._reaction(payload, False)
 
+    # -- votes given or taken back while the bot was away ----------------------
+
+    async def on_ready(self) -> None:       # the first connection, and every fresh session (re-IDENTIFY)
+        self._backfill.ask("connecting")
+
+    async def on_resumed(self) -> None:     # a reconnect that RESUMEd the session
+        self._backfill.ask("a gateway resume")
+
+    async def backfill(self, why: str = "a request") -> tuple[int, int, int]:
+        """Votes on the recent replies made what their REST reaction lists say now (``ChatCore.backfill_votes``)."""
+        return await self.core.backfill_votes(PLATFORM, self._reactions_on, why)
+
+    async def _reactions_on(self, channel_id: str, message_ids: list[str]) -> list[Reaction] | None:
+        """Every voting reaction on the messages of one reply, as Discord lists them now; None
+        when one of them can't be read (deleted, no access): that reply's votes stay as they are."""
+        out: list[Reaction] = []
+        try:
+            channel = self.client.get_partial_messageable(int(channel_id))
+            for mid in message_ids:
+                message = await channel.fetch_message(int(mid))
+                for reaction in message.reactions:
+                    emoji = str(reaction.emoji)
+                    if not self.core.is_voting_emoji(emoji):
+                        continue
+                    async for user in reaction.users():
+                        out.append(Reaction(platform=PLATFORM, channel_id=str(channel_id), message_id=str(mid),
+                                            user_id=str(user.id), emoji=emoji, added=True,
+                                            user_is_bot=user.id == self._bot_id() or bool(user.bot)))
+        except (discord.HTTPException, ValueError) as e:
+            log.warning("discord: left the votes on reply message(s) %s as they are: %s", ", ".join(message_ids), e)
+            return None
+        return out
+
     # -- slash commands -------------------------------------------------------
 
     def _command(self, interaction: discord.Interaction, name: str, args: dict) -> Command:
@@ -299,17 +350,29 @@ class DiscordAdapter:
         async def forget(interaction: discord.Interaction, user: discord.User | None = None) -> None:
             await self._run(interaction, "forget", {"user": str(user.id)} if user else {})
 
-        # Admins are members with Manage Server unless the config names admin users or roles:
-        # then Discord shows the admin commands only to Manage Server, and a server admin can
-        # grant them to more roles under Integrations. The core checks every call either way.
-        chat = self.cfg.chat
-        if not (chat.admin_user_ids or chat.admin_role_ids):
-            for admin_only in (retrain, rollback):
-                admin_only.default_permissions = discord.Permissions(manage_guild=True)
+        # Discord shows the admin commands only to members with Manage Server, and never in DMs
+        # (where default_member_permissions does not apply). Admins the config names by user or
+        # role id are shown them once a server admin allows them under Server Settings →
+        # Integrations → the bot (Discord lets no bot grant that itself). ChatCore checks every
+        # call either way, so a grant by mistake still runs nothing.
+        for admin_only in (retrain, rollback):
+            admin_only.default_permissions = ADMIN_PERMISSIONS
+            admin_only.guild_only = True
+            admin_only.allowed_contexts = app_commands.AppCommandContext(guild=True, dm_channel=False,
+                                                                         private_channel=False)
 
     # -- trainer results --------------------------------------------------------
 
     async def post(self, channel_id: str, text: str) -> None:
-        channel = self.client.get_channel(int(channel_id)) or await self.client.fetch_channel(int(channel_id))
-        for chunk in split_text(text):
-            await channel.send(chunk)
+        """Post a trainer result where the retrain was asked. A channel that is gone, or where
+        the bot may not write, drops it with one warning (as Slack's ``post`` does); other
+        errors (Discord down, the network) raise, and ChatCore tries again a few times."""
+        try:
+            channel = self.client.get_channel(int(channel_id)) or await self.client.fetch_channel(int(channel_id))
+            for chunk in split_text(text):
+                await channel.send(chunk)
+        except GONE_CHANNEL_ERRORS as e:
+            log.warning("discord: dropped a trainer result for channel %s: %s %s (the channel is gone or the bot "
+                        "may not write there; invite it back to see the next results)", channel_id, e.status, e.text)
+        except ValueError:
+            log.warning("discord: dropped a trainer result for channel %r: not a Discord channel id", channel_id)

@@ -13,6 +13,11 @@ Socket Mode needs no public URL: the app token (xapp-) opens a WebSocket, the bo
 - ``reaction_added`` / ``reaction_removed`` → ``Reaction``. Slack names (+1, thumbsup,
   -1, ...) and skin tones are canonicalised by bot.rewards. Reactions by the bot itself or
   by bot users (users.info ``is_bot``) are marked as bot reactions, so seeds never vote.
+- Reactions given or taken back while the bot was away: each Socket Mode connection starts
+  with a ``hello`` (the first one, and each reconnect: Slack's refresh, a dropped socket);
+  after it ``backfill`` reads, in the background, ``reactions.get`` (``full``) of the bot's
+  replies of the last ``chat.backfill_hours`` and ChatCore makes the stored votes exactly those;
+  a reply whose message can't be read keeps its votes.
 - The slash command (``[slack] command``, default /reactlearn) with subcommands retrain,
   status, rollback N, forget [@user]: acknowledged at once (an empty ack), then answered
   with an ephemeral ``respond()``. Workspace admins and owners (users.info, cached for a
@@ -45,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -65,6 +71,7 @@ from bot.config import Config
 from bot.events import Command, HistoryItem, Message, Reaction
 from bot.streaming import ShownReply
 from bot.rewards import SLACK_NAMES, canonical
+from bot.rerun import Rerun
 
 log = logging.getLogger(__name__)
 PLATFORM = "slack"
@@ -205,6 +212,15 @@ def _usable(m: Any) -> bool:
     return isinstance(m, dict) and isinstance(m.get("ts"), str) and problem(m, MESSAGE_FIELDS, ()) is None
 
 
+def _event_time(event: dict) -> float | None:
+    """The event's ``event_ts`` as seconds (the order of two changes of one reaction), or None."""
+    try:
+        at = float(event["event_ts"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return at if math.isfinite(at) else None
+
+
 def _kind(event: Any) -> str:
     kind = event.get("type") if isinstance(event, dict) else None
     return kind if isinstance(kind, str) and kind else "Slack"
@@ -285,6 +301,9 @@ class SlackAdapter:
         self._events: OrderedDict[str, None] = OrderedDict()                 # event ids delivered
         self._threads: OrderedDict[tuple[str, str], bool] = OrderedDict()    # bot posted in thread?
         self._users: dict[str, tuple[float, dict | None]] = {}
+        self._backfill = Rerun(self.backfill, "slack: reconciling votes")
+        self._hellos = 0                  # Socket Mode connections opened (each starts with "hello")
+        self._lookups: dict[str, asyncio.Future] = {}                        # users.info calls under way
 
     @property
     def command_name(self) -> str:
@@ -305,6 +324,7 @@ class SlackAdapter:
         self.app = AsyncApp(client=self.client, logger=BOLT_LOGGER)
         self._register(self.app)
         self.handler = ScreeningHandler(self.app, app_token or self.cfg.slack_app_token, self._admit)
+        self.handler.client.message_listeners.append(self._on_socket_message)
         self._stop = asyncio.Event()
         try:
             await self.handler.connect_async()
@@ -316,6 +336,7 @@ class SlackAdapter:
             await self.handler.close_async()
 
     async def close(self) -> None:
+        self._backfill.cancel()
         if self._stop is not None:
             self._stop.set()
         if self.handler is not None:
@@ -355,12 +376,21 @@ class SlackAdapter:
     # -- users ----------------------------------------------------------------
 
     async def _user(self, user_id: str) -> dict | None:
-        """users.info, cached for USER_TTL seconds; None when it can't be read."""
+        """users.info, cached for USER_TTL seconds; None when it can't be read. Events that
+        need the same user at once share one call (a flood of reactions makes one, not
+        hundreds) and go on in the order they came."""
         if not user_id:
             return None
         hit = self._users.get(user_id)
         if hit and hit[0] > time.monotonic():
             return hit[1]
+        lookup = self._lookups.get(user_id)
+        if lookup is None:
+            lookup = self._lookups[user_id] = asyncio.ensure_future(self._users_info(user_id))
+            lookup.add_done_callback(lambda _: self._lookups.pop(user_id, None))
+        return await asyncio.shield(lookup)
+
+    async def _users_info(self, user_id: str) -> dict | None:
         try:
             info = (await self.client.users_info(user=user_id)).get("user")
             info = info if isinstance(info, dict) else None
@@ -432,16 +462,17 @@ class SlackAdapter:
             return []
         return [m for m in reversed(resp.get("messages") or []) if _usable(m) and _ts_key(m["ts"]) < _ts_key(before)]
 
-    async def _item(self, m: dict) -> HistoryItem | None:
+    async def _item(self, m: dict, channel: str) -> HistoryItem | None:
         if not _usable(m) or m.get("subtype") not in TEXT_SUBTYPES or not (m.get("text") or "").strip():
             return None
         if self._from_me(m):
-            return HistoryItem("bot", self._clean(m["text"]), True)
+            return HistoryItem("bot", self._clean(m["text"]), True, message_id=message_key(channel, m["ts"]))
         if m.get("bot_id") and not m.get("user"):
             name = m.get("username") or (m.get("bot_profile") or {}).get("name") or m["bot_id"]
         else:
             name = await self._name(m.get("user", ""))
-        return HistoryItem(name, self._clean(m["text"]), False)
+        return HistoryItem(name, self._clean(m["text"]), False, author_id=str(m.get("user") or m.get("bot_id") or ""),
+                           message_id=message_key(channel, m["ts"]))
 
     async def _on_message_event(self, event: dict) -> None:
         why = problem(event, MESSAGE_FIELDS, ("channel", "ts"))
@@ -484,7 +515,7 @@ class SlackAdapter:
             raw = thread if thread is not None else await self._thread(channel, thread_ts, before=ts)
         else:
             raw = await self._channel_history(channel, before=ts)
-        history = [h for h in [await self._item(m) for m in raw] if h is not None]
+        history = [h for h in [await self._item(m, channel) for m in raw] if h is not None]
         root = thread_ts or ts
         self._remember(self._threads, (channel, root), True)      # the bot is about to post here
         reply = SlackReply(self.client, channel, root, self.cfg.slack.message_chars, self.update_seconds)
@@ -522,7 +553,7 @@ class SlackAdapter:
             is_bot = bool(info and (info.get("is_bot") or info.get("id") == "USLACKBOT"))
         outcome = await self.core.on_reaction(Reaction(
             platform=PLATFORM, channel_id=item["channel"], message_id=message_key(item["channel"], item["ts"]),
-            user_id=user, emoji=emoji, added=added, user_is_bot=is_bot))
+            user_id=user, emoji=emoji, added=added, user_is_bot=is_bot, at=_event_time(event)))
         log.debug("slack: reaction :%s: on %s/%s by %s: %s", emoji, item["channel"], item["ts"], user, outcome)
 
     async def _on_reaction_added(self, event: dict) -> None:
@@ -530,6 +561,54 @@ class SlackAdapter:
 
     async def _on_reaction_removed(self, event: dict) -> None:
         await self._reaction(event, False)
+
+    # -- votes given or taken back while the bot was away ----------------------
+
+    async def _on_socket_message(self, _client, message: dict, _raw: str) -> None:
+        """Every Socket Mode frame; a ``hello`` opens each connection: the first, and each
+        reconnect (Slack's refresh, a dropped socket), after which the votes are reconciled."""
+        if isinstance(message, dict) and message.get("type") == "hello":
+            self._hellos += 1
+            self._backfill.ask("connecting" if self._hellos == 1 else "a Socket Mode reconnect")
+
+    async def backfill(self, why: str = "a request") -> tuple[int, int, int]:
+        """Votes on the recent replies made what ``reactions.get`` says now (``ChatCore.backfill_votes``)."""
+        return await self.core.backfill_votes(PLATFORM, self._reactions_on, why)
+
+    async def _reactions_on(self, _channel: str, keys: list[str]) -> list[Reaction] | None:
+        """Every voting reaction on the messages (``channel:ts`` keys) of one reply, as
+        ``reactions.get`` lists them now; None when one can't be read (deleted, no access, a
+        malformed answer): that reply's votes stay as they are."""
+        out: list[Reaction] = []
+        for key in keys:
+            channel, _, ts = key.partition(":")
+            try:
+                resp = await self.client.reactions_get(channel=channel, timestamp=ts, full=True)
+            except SlackApiError as e:
+                log.warning("slack: left the votes on reply message %s as they are: %s", key, e.response.get("error"))
+                return None
+            message = resp.get("message")
+            listed = message.get("reactions", []) if isinstance(message, dict) else None
+            if not isinstance(listed, list):
+                log.warning("slack: left the votes on reply message %s as they are: reactions.get answered no "
+                            "message", key)
+                return None
+            for item in listed:
+                name, users = (item.get("name"), item.get("users")) if isinstance(item, dict) else (None, None)
+                if not isinstance(name, str) or not isinstance(users, list) or not self.core.is_voting_emoji(name):
+                    continue
+                for user in users:
+                    if isinstance(user, str) and user:
+                        out.append(Reaction(platform=PLATFORM, channel_id=channel, message_id=key, user_id=user,
+                                            emoji=name, added=True, user_is_bot=await self._is_bot_user(user)))
+        return out
+
+    async def _is_bot_user(self, user: str) -> bool:
+        """The bot itself, or a user users.info says is a bot (Slackbot too)."""
+        if user == self.bot_user_id:
+            return True
+        info = await self._user(user)
+        return bool(info and (info.get("is_bot") or info.get("id") == "USLACKBOT"))
 
     # -- the slash command ----------------------------------------------------
 

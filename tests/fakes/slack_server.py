@@ -57,6 +57,10 @@ then after each update, and a ``message_changed`` event is pushed as Slack does.
 :meth:`FakeSlack.redeliver` delivers an Events API envelope again as Slack's retry does (a new
 envelope, the same ``event_id``, ``retry_attempt`` 1 and ``retry_reason`` "timeout"), and
 :meth:`FakeSlack.push_event` takes any inner event, malformed ones included.
+``reactions.get`` answers the stored message with its ``reactions`` (the user lists cut to
+:attr:`FakeSlack.REACTION_USERS_SHOWN` unless ``full``); :meth:`FakeSlack.react` with
+``silent=True`` changes a reaction without pushing an event (while the app was not connected),
+and :meth:`FakeSlack.send_disconnect` makes the app reconnect (a new ``hello``).
 """
 
 from __future__ import annotations
@@ -171,10 +175,13 @@ class FakeSlack:
     REQUIRED_SCOPES = {
         "chat.postMessage": "chat:write", "chat.update": "chat:write", "chat.postEphemeral": "chat:write",
         "reactions.add": "reactions:write", "reactions.remove": "reactions:write", "users.info": "users:read",
+        "reactions.get": "reactions:read",
         "files.getUploadURLExternal": "files:write", "files.completeUploadExternal": "files:write",
         "conversations.open": "im:write",
     }
     _HISTORY_SCOPES = {"im": "im:history", "group": "groups:history", "channel": "channels:history"}
+    #: users listed per reaction by reactions.get without ``full`` (Slack cuts the list too)
+    REACTION_USERS_SHOWN = 2
 
     def __init__(self, *, echo_bot_messages: bool = True, check_tokens: bool = True, ts_base: int = 1700000000,
                  scopes: Optional[str] = None):
@@ -552,6 +559,10 @@ class FakeSlack:
         n = next(self._ts_counter)
         return f"{self._ts_base + n // 10000}.{(n % 10000) * 100:06d}"
 
+    def next_ts(self) -> str:
+        """A fresh message ts, later than every one so far (for events a test pushes itself)."""
+        return self._next_ts()
+
     def _store_message(self, channel: str, msg: Dict[str, Any]) -> None:
         self.messages.setdefault(channel, []).append(msg)
         thread_ts = msg.get("thread_ts")
@@ -682,19 +693,25 @@ class FakeSlack:
         await self.push_event(event)
         return ts
 
-    async def react(self, channel: str, ts: str, user: str, reaction: str, add: bool = True, *, item_user: Optional[str] = None) -> Envelope:
+    async def react(self, channel: str, ts: str, user: str, reaction: str, add: bool = True, *,
+                    item_user: Optional[str] = None, silent: bool = False) -> Optional[Envelope]:
         """Simulate ``user`` adding (or removing) ``:reaction:`` on message ``ts``.
 
         Pushes ``reaction_added`` / ``reaction_removed`` with
         ``item={"type":"message","channel","ts"}`` and ``item_user`` (the stored
         message's author unless given), updating the stored message's
-        ``reactions``.  Returns the envelope record.
+        ``reactions``.  Returns the envelope record.  ``silent``: only the stored
+        ``reactions`` change (``reactions.get`` shows it) and no event is pushed (returns
+        None): a reaction added or removed while the app was not connected.
         """
         msg = self.get_message(channel, ts)
         if item_user is None and msg is not None:
             item_user = msg.get("user") or msg.get("bot_id")
         if msg is not None:
             self._apply_reaction(msg, user, reaction, add)
+        if silent:
+            await self._notify()
+            return None
         return await self._push_reaction(channel, ts, user, reaction, add, item_user)
 
     async def _push_reaction(self, channel: str, ts: str, user: str, reaction: str, add: bool, item_user: Optional[str]) -> Envelope:
@@ -1073,6 +1090,16 @@ class FakeSlack:
     async def _api_reactions_remove(self, args: Dict[str, Any]) -> Dict[str, Any]:
         return await self._reaction_call(args, False)
 
+    async def _api_reactions_get(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        """The message with its ``reactions`` (name, users, count). Like Slack, ``users`` is
+        cut to the first :attr:`REACTION_USERS_SHOWN` unless ``full`` is true."""
+        channel = self._require_channel(args)
+        msg = copy.deepcopy(self._require_message(channel, args.get("timestamp")))
+        if str(args.get("full", "")).lower() not in ("1", "true"):
+            for r in msg.get("reactions", []):
+                r["users"] = r["users"][:self.REACTION_USERS_SHOWN]
+        return {"ok": True, "type": "message", "channel": channel, "message": msg}
+
     @staticmethod
     def _ts_filter(messages: List[Dict[str, Any]], args: Dict[str, Any]) -> List[Dict[str, Any]]:
         inclusive = str(args.get("inclusive", "0")).lower() in ("1", "true")
@@ -1225,6 +1252,7 @@ class FakeSlack:
         "chat.update": _api_chat_update,
         "reactions.add": _api_reactions_add,
         "reactions.remove": _api_reactions_remove,
+        "reactions.get": _api_reactions_get,
         "conversations.replies": _api_conversations_replies,
         "conversations.history": _api_conversations_history,
         "conversations.info": _api_conversations_info,

@@ -51,13 +51,23 @@ Behaviour that mirrors real Discord (and therefore matters to bot code):
 * Slash commands must have been synced (``tree.sync``) before
   :meth:`FakeDiscord.slash` can invoke them; ``default_member_permissions`` and
   DM availability are enforced like the Discord client does (raises
-  :class:`SlashNotPermitted`).
+  :class:`SlashNotPermitted`); :meth:`FakeDiscord.set_command_permissions` plays a server
+  admin's per-role / per-user overrides (Server Settings -> Integrations), which win over
+  ``default_member_permissions``.
+* :meth:`FakeDiscord.delete_channel` deletes a guild channel (CHANNEL_DELETE; REST on it
+  answers 404 Unknown Channel, ``GET /channels/{id}`` included).
 * An interaction can be acknowledged only once (second callback -> HTTP 400,
   code 40060); followups before the acknowledgement -> 404 Unknown Webhook.
 * Sending an empty message or content > 2000 chars -> HTTP 400, like Discord; so is
   such an edit (``PATCH /channels/{id}/messages/{id}``, the bot's own messages only;
   dispatched as MESSAGE_UPDATE). Edits are kept: ``message_edits``,
   :meth:`FakeDiscord.content_history` (what a message said, posted then after each edit).
+* Reaction lists: ``GET /channels/{id}/messages/{id}/reactions/{emoji}`` (``limit``, ``after``),
+  as discord.py's ``Reaction.users()`` reads them. :meth:`FakeDiscord.react` with
+  ``silent=True`` changes a reaction without any gateway event (nor one kept for a RESUME):
+  what happened while the bot was away. :meth:`FakeDiscord.request_reconnect` (op 7, the client
+  RESUMEs) and :meth:`FakeDiscord.invalidate_sessions` (op 9 on RESUME: a fresh IDENTIFY and
+  READY, nothing replayed) are the two kinds of reconnect.
 * :meth:`FakeDiscord.fail` makes chosen routes answer with a Discord error (e.g. every
   edit a 403), to test what the bot does when a call fails.
 * Unknown REST routes are logged and answered with 404 + JSON error body, and

@@ -57,7 +57,7 @@ class GatewayMixin:
     """The gateway half of :class:`~tests.fakes.discord.FakeDiscord`.
 
     Test-facing: ``connected``, :meth:`dispatch`, :meth:`request_reconnect`,
-    :meth:`drop_connections`, ``identify_count``, ``resume_count`` and ``gateway_log``
+    :meth:`drop_connections`, :meth:`invalidate_sessions`, ``identify_count``, ``resume_count`` and ``gateway_log``
     (``(direction, op, event_name)`` of gateway traffic). Relies on the world
     (``guild_payload`` ...), ``token``, ``gateway_url``, ``enforce_intents``,
     ``heartbeat_interval_ms``, ``internal_errors`` and ``_bump`` of the composed class.
@@ -108,6 +108,14 @@ class GatewayMixin:
         for sess in list(self._sessions.values()):
             if sess.alive and sess.ws is not None and not sess.ws.closed:
                 await self._send_raw(sess.ws, {"op": 7, "d": None})
+
+    async def invalidate_sessions(self) -> None:
+        """End every session for good and drop its socket: the client's RESUME is answered
+        with op 9 INVALID_SESSION (not resumable), so it IDENTIFIES afresh and gets a new
+        READY; the dispatches it missed are never replayed, as after a long outage."""
+        for sess in self._sessions.values():
+            sess.alive = False
+        await self.drop_connections()
 
     async def drop_connections(self, code: int = 4000) -> None:
         """Close every gateway websocket from the server side with ``code``

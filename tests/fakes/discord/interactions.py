@@ -126,6 +126,7 @@ class InteractionsMixin:
         self._interactions_by_token: Dict[str, InteractionRecord] = {}
         self._interactions_by_id: Dict[int, InteractionRecord] = {}
         self._command_ids: Dict[Tuple[Optional[int], str, int], int] = {}
+        self.command_permissions: Dict[int, List[Dict[str, Any]]] = {}   # command id -> overrides
 
     def _add_interaction_routes(self, router: web.UrlDispatcher) -> None:
         p = API_PREFIX
@@ -145,6 +146,27 @@ class InteractionsMixin:
                     return cmd
         known = {scope: [c["name"] for c in cmds] for scope, cmds in self.synced_commands.items()}
         raise LookupError(f"slash command {name!r} not synced (synced: {known}); did the bot call tree.sync()?")
+
+    def set_command_permissions(self, name: str, permissions: List[Dict[str, Any]]) -> None:
+        """What a server admin sets under Server Settings -> Integrations: who may use the
+        guild command ``name`` beyond its ``default_member_permissions``, as Discord's
+        application command permissions ``[{"id": role or user id, "type": 1 (role) | 2
+        (user), "permission": bool}]`` (the ``@everyone`` role's id is the guild id). Discord
+        takes these only with a user's Bearer token (PUT .../commands/{id}/permissions), so
+        no bot can set them; tests set them here. A user's override beats their roles';
+        an allowing role beats a denying one; with no override, the defaults apply."""
+        cmd = self.find_command(name, self.guild_id)
+        self.command_permissions[int(cmd["id"])] = [dict(p) for p in permissions]
+
+    def _permission_override(self, cmd: Dict[str, Any], user_id: int, roles: List[str]) -> Optional[bool]:
+        """The overrides' verdict for ``user_id`` with ``roles`` on ``cmd``: True, False, or None."""
+        overrides = self.command_permissions.get(int(cmd["id"]), [])
+        for o in overrides:
+            if int(o["type"]) == 2 and int(o["id"]) == user_id:
+                return bool(o["permission"])
+        member_roles = {int(r) for r in roles} | {int(self.guild_id)}
+        verdicts = [bool(o["permission"]) for o in overrides if int(o["type"]) == 1 and int(o["id"]) in member_roles]
+        return (True in verdicts) if verdicts else None
 
     def _materialize_command(self, scope: Optional[int], body: Dict[str, Any]) -> Dict[str, Any]:
         ctype = int(body.get("type", 1))
@@ -315,8 +337,11 @@ class InteractionsMixin:
                     perms = ALL_PERMISSIONS
             member["permissions"] = str(perms)
             required = cmd.get("default_member_permissions")
+            override = self._permission_override(cmd, user_id, roles) if user_id != self.owner_id else None
+            if override is False:
+                raise SlashNotPermitted(f"/{name}: user {user_id} is denied it by the command's permissions")
             # "0" means: nobody but administrators (all permission bits)
-            if required is not None and (
+            if override is None and required is not None and (
                 (int(required) & perms) != int(required) or (int(required) == 0 and perms != ALL_PERMISSIONS)
             ):
                 raise SlashNotPermitted(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from aiohttp import web
 
-from .state import BOT_ID, iso, parse_emoji, sid
+from .state import BOT_ID, emoji_key, iso, parse_emoji, sid
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,13 @@ class RestMixin:
         router.add_get(p + "/users/@me", self._h_me)
         router.add_get(p + "/oauth2/applications/@me", self._h_application)
         router.add_post(p + "/users/@me/channels", self._h_create_dm)
+        router.add_get(p + "/channels/{cid}", self._h_get_channel)
         router.add_post(p + "/channels/{cid}/messages", self._h_post_message)
         router.add_get(p + "/channels/{cid}/messages", self._h_history)
         router.add_get(p + "/channels/{cid}/messages/{mid}", self._h_get_message)
         router.add_patch(p + "/channels/{cid}/messages/{mid}", self._h_edit_message)
         router.add_put(p + "/channels/{cid}/messages/{mid}/reactions/{emoji}/@me", self._h_add_own_reaction)
+        router.add_get(p + "/channels/{cid}/messages/{mid}/reactions/{emoji}", self._h_reaction_users)
         router.add_post(p + "/channels/{cid}/typing", self._h_typing)
 
     def _add_unknown_route(self, router: web.UrlDispatcher) -> None:
@@ -224,6 +226,12 @@ class RestMixin:
         if uid not in self.users:
             return error(400, 50033, "Invalid Recipient(s)")
         return json_response(dict(self.channels[self.dm_channel_id(uid)]))
+
+    async def _h_get_channel(self, request: web.Request) -> web.Response:
+        cid, err = self._check_channel(request)
+        if err is not None:
+            return err
+        return json_response(self.channels[cid])
 
     async def _h_post_message(self, request: web.Request) -> web.Response:
         cid, err = self._check_channel(request)
@@ -341,6 +349,26 @@ class RestMixin:
         )
         await self._apply_reaction(cid, int(msg["id"]), BOT_ID, emoji, True)
         return no_content()
+
+    async def _h_reaction_users(self, request: web.Request) -> web.Response:
+        """``GET /channels/{cid}/messages/{mid}/reactions/{emoji}?limit=&after=``: the users who
+        reacted with ``emoji`` (``👍`` or ``name:id``), by id, at most ``limit`` (1-100, default
+        25) after the id ``after``, like Discord; an emoji nobody used gives ``[]``."""
+        cid, err = self._check_channel(request)
+        if err:
+            return err
+        msg, err = self._check_message(cid, request.match_info["mid"])
+        if err:
+            return err
+        q = request.query
+        try:
+            limit, after = int(q.get("limit", "25")), int(q.get("after", "0"))
+        except ValueError:
+            return error(400, 50035, "Invalid Form Body")
+        if not 1 <= limit <= 100:
+            return error(400, 50035, "Invalid Form Body", {"limit": {"_errors": [{"code": "NUMBER_TYPE_MAX"}]}})
+        users = sorted(self.reactions_on(int(msg["id"])).get(emoji_key(parse_emoji(request.match_info["emoji"])), []))
+        return json_response([self.user_payload(u) for u in users if u > after][:limit])
 
     async def _h_typing(self, request: web.Request) -> web.Response:
         cid, err = self._check_channel(request)

@@ -202,6 +202,17 @@ class FakeDiscord(DiscordState, GatewayMixin, RestMixin, InteractionsMixin):
         await self._bump()
         return msg
 
+    async def delete_channel(self, channel_id: int) -> Dict[str, Any]:
+        """Simulate a server admin deleting a guild channel: it and its messages are gone (REST
+        on it answers 404 Unknown Channel, code 10003) and CHANNEL_DELETE is dispatched.
+        Returns the deleted channel."""
+        ch = self.channels.pop(int(channel_id))
+        for msg in self.messages.pop(int(channel_id), []):
+            self._messages_by_id.pop(int(msg["id"]), None)
+        await self.dispatch("CHANNEL_DELETE", dict(ch))
+        await self._bump()
+        return ch
+
     async def react(
         self,
         channel_id: int,
@@ -212,6 +223,7 @@ class FakeDiscord(DiscordState, GatewayMixin, RestMixin, InteractionsMixin):
         bot_user: bool = False,
         *,
         force: bool = False,
+        silent: bool = False,
     ) -> Dict[str, Any]:
         """Simulate ``user_id`` adding (``add=True``) or removing a reaction.
 
@@ -221,14 +233,21 @@ class FakeDiscord(DiscordState, GatewayMixin, RestMixin, InteractionsMixin):
         MESSAGE_REACTION_REMOVE.  ``bot_user`` marks the reacting account as a
         bot.  Like Discord, adding an existing reaction / removing a missing one
         is a no-op with no event, unless ``force=True``.  The message need not be
-        known to the fake.  Returns ``{"dispatched": bool, "emoji": {...}}``.
+        known to the fake.  ``silent``: only the reaction lists change (REST shows it) and
+        nothing is dispatched or kept for a RESUME replay: a reaction added or removed while
+        the bot was away and the gateway has forgotten it.  Returns
+        ``{"dispatched": bool, "emoji": {...}}``.
         """
         channel_id, message_id, user_id = int(channel_id), int(message_id), int(user_id)
         if self.is_dm(channel_id):
             self.add_user(user_id, bot=bot_user)
         else:
             self.add_member(user_id, bot=bot_user)
-        sent = await self._apply_reaction(channel_id, message_id, user_id, emoji, add, force=force)
+        if silent:
+            self._set_reaction(message_id, user_id, emoji, add)
+            sent = False
+        else:
+            sent = await self._apply_reaction(channel_id, message_id, user_id, emoji, add, force=force)
         await self._bump()
         return {"dispatched": sent, "emoji": parse_emoji(emoji)}
 
