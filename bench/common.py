@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from bot import process
+from bot.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "bench" / "out"
@@ -318,6 +319,8 @@ def main(name: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Nam
     load_before, t0, when = os.getloadavg(), time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
     try:
         result = asyncio.run(run(args))
+    except ConfigError as e:         # --config: one line, exit 2, as the bot and the trainer
+        return process.fail(f"config error: {e}")
     finally:
         for d in _TEMP_DIRS:
             if args.keep_data:

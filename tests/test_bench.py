@@ -148,3 +148,13 @@ def test_percentiles_and_stats():
     s = common.stats([0.1, 0.2, None, 0.3])
     assert s["n"] == 3 and s["p50"] == 0.2 and s["max"] == 0.3
     assert common.ratio(1, 0) is None and common.ratio(None, 2) is None and common.ratio(3, 2) == 1.5
+
+
+def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[serving]\nbatch_sise = 4\n")
+    rc = importlib.import_module("bench.reply").main(["--config", str(bad), "--out-dir", str(tmp_path / "out")])
+    assert rc == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()           # one line, no traceback
+    assert line.startswith("config error: unknown setting 'serving.batch_sise'"), line
+    assert not (tmp_path / "out" / "reply.json").exists()

@@ -168,3 +168,14 @@ def test_sparse_late_votes_and_a_taste_change(tmp_path):
             await store.close()
 
     assert asyncio.run(voters()) <= {"sim-person-0", "sim-person-1", "sim-person-2"}
+
+
+def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nname = 5\n")
+    with pytest.raises(SystemExit) as exit_:
+        simulate.main(["--config", str(bad), "--rounds", "1", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()           # one line, no traceback
+    assert line.startswith("config error: 'model.name' must be str") and "Fix it in the config file" in line
+    assert not (tmp_path / "out").exists()                           # nothing ran

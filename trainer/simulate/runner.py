@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot import process
+from bot.config import ConfigError
 
 from .cli import build_parser, check_args, make_configs
 from .metrics import measure, reply_stats, version_kl
@@ -286,4 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     args.argv = argv
     process.setup_logging(logging.INFO if args.verbose else logging.WARNING)
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as e:         # a bad --config or setting: one line, exit 2, as the bot and the trainer
+        raise SystemExit(process.fail(f"config error: {e}")) from None
