@@ -29,7 +29,7 @@ TADA = "\N{PARTY POPPER}"
 UP_TONED = UP + "\N{EMOJI MODIFIER FITZPATRICK TYPE-4}"
 
 
-async def eventually(check, timeout: float = 15.0, what: str = "condition"):
+async def eventually(check, timeout: float = 60.0, what: str = "condition"):
     """Poll an async ``check`` until it returns something truthy; that value."""
     deadline = time.monotonic() + timeout
     last = None

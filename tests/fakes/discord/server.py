@@ -277,7 +277,7 @@ class FakeDiscord(DiscordState, GatewayMixin, RestMixin, InteractionsMixin):
         async with self._cond:
             self._cond.notify_all()
 
-    async def wait_for(self, predicate: Union[str, Callable[[], Any]], timeout: float = 10.0) -> Any:
+    async def wait_for(self, predicate: Union[str, Callable[[], Any]], timeout: float = 60.0) -> Any:
         """Wait until ``predicate()`` returns something truthy and return it.
         The predicate is re-evaluated after every REST request, gateway message
         and test action.
@@ -331,7 +331,7 @@ class FakeDiscord(DiscordState, GatewayMixin, RestMixin, InteractionsMixin):
     async def wait_bot_message(
         self,
         channel_id: Optional[int] = None,
-        timeout: float = 10.0,
+        timeout: float = 60.0,
         *,
         predicate: Optional[Callable[[Dict[str, Any]], bool]] = None,
     ) -> Dict[str, Any]:
