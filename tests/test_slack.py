@@ -300,7 +300,8 @@ async def test_streamed_reply_is_updated_in_place(tmp_path, endless_model_dir):
         assert all(len(a) < len(b) and b.startswith(a) for a, b in zip(history, history[1:]))
         assert len(bot_messages_in_thread(fake, "C1", ts)) == 1
         paced = [e["at"] for e in fake.edits_of("C1", first["ts"])][:-1]   # the last is the final text
-        assert all(b - a >= UPDATE - 0.05 for a, b in zip(paced, paced[1:])), paced
+        # the pace, as the fake saw it: one request's latency can shorten one gap, not the mean
+        assert len(paced) < 2 or (paced[-1] - paced[0]) / (len(paced) - 1) >= UPDATE - 0.05, paced
         # seeds on the reply; a vote counts
         await fake.wait_bot_reaction("C1", first["ts"], "+1")
         await fake.wait_bot_reaction("C1", first["ts"], "-1")
