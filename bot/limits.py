@@ -40,9 +40,7 @@ class RateLimit:
         if self.per_minute <= 0:
             return False
         now = self.clock()
-        window = self._recent.setdefault(key, deque())
-        while window and now - window[0] > WINDOW:
-            window.popleft()
+        window = _recent_window(self._recent.setdefault(key, deque()), now)
         if len(window) >= self.per_minute:
             return True
         window.append(now)
@@ -50,11 +48,7 @@ class RateLimit:
 
     def first_notice(self, key: Hashable) -> bool:
         """True for the first over-limit message of ``key`` in a window: tell them once."""
-        now = self.clock()
-        if now - self._noticed.get(key, now - WINDOW) < WINDOW:
-            return False
-        self._noticed[key] = now
-        return True
+        return _first_in_window(self._noticed, key, self.clock())
 
     def prune(self) -> None:
         """Forget people who wrote nothing in the last window (keeps memory flat for months)."""
@@ -85,9 +79,7 @@ class VoteFlood:
         if key in self.held:
             self.held[key] = value
             return HELD
-        times = self._written.setdefault(key, deque())
-        while times and now - times[0] > WINDOW:
-            times.popleft()
+        times = _recent_window(self._written.setdefault(key, deque()), now)
         if len(times) >= self.writes:
             self.held[key] = value
             return HELD
@@ -96,11 +88,7 @@ class VoteFlood:
 
     def first_warning(self, key: Hashable) -> bool:
         """True once per window for a held key: log a flood once, not once per event."""
-        now = self.clock()
-        if now - self._warned.get(key, now - WINDOW) < WINDOW:
-            return False
-        self._warned[key] = now
-        return True
+        return _first_in_window(self._warned, key, self.clock())
 
     def take_held(self) -> dict[Hashable, float | None]:
         """The held final states, to be written now; the keys stop being held (a key still
@@ -121,3 +109,18 @@ class VoteFlood:
             self._written.pop(key, None)
         self._warned = {k: t for k, t in self._warned.items() if now - t < WINDOW}
         self._newest = {k: n for k, n in self._newest.items() if now - n[1] <= WINDOW}
+
+
+def _recent_window(times: deque, now: float) -> deque:
+    """``times`` with the stamps older than one window dropped (in place)."""
+    while times and now - times[0] > WINDOW:
+        times.popleft()
+    return times
+
+
+def _first_in_window(last: dict, key: Hashable, now: float) -> bool:
+    """True (and ``last[key]`` set to now) unless ``key`` had its turn within the window."""
+    if now - last.get(key, now - WINDOW) < WINDOW:
+        return False
+    last[key] = now
+    return True
