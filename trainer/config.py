@@ -47,7 +47,8 @@ class TrainerConfig:
                                       "whatever its votes, so the model never learns that spam pleases.")
     lr: float = setting(2e-4, "AdamW learning rate.", gt=0, le=0.01, hint="1e-4 to 5e-4 suits LoRA")
     weight_decay: float = setting(0.0, "AdamW weight decay.", ge=0, le=1)
-    epochs: int = setting(2, "Passes over the round's replies.", ge=1, le=1000)
+    epochs: int = setting(1, "Passes over the round's replies (each round learns again from the earlier rounds' "
+                          "replies in its window, so one pass a round already reuses every vote).", ge=1, le=1000)
     minibatch_size: int = setting(8, "Replies per optimizer step.", ge=1, le=1024)
     clip_eps: float = setting(0.2, "PPO clip range: the ratio new/behaviour policy is clipped to 1 ± clip_eps.",
                               gt=0, lt=1, hint="0.2 is usual")
@@ -58,6 +59,11 @@ class TrainerConfig:
     kl_coef: float = setting(0.05, "Weight of the KL(policy ‖ reference) penalty per token; the reference is the "
                              "base model (adapter off).",
                              ge=0, le=100)
+    kl_target_share: float = setting(0.7, "A round's KL budget, as a share of max_kl: while the training replies' "
+                                     "KL to the base is over kl_target_share × max_kl, the KL penalty's weight "
+                                     "grows step by step (and falls back to kl_coef once it is under; "
+                                     "trainer/kl_control.py), so the candidate stays inside the gate.",
+                                     ge=0, le=10, hint="0 turns the control off; under 1 leaves the gate a margin")
     kl_estimator: str = setting("full", 'How the KL penalty is computed at each reply position: "full" (exact, '
                                 "summed over the vocabulary: no heavy tail, what the gate measures) or \"k3\" (the "
                                 "sampled-token estimate: less memory, but heavy-tailed once the policy has moved "
@@ -94,7 +100,7 @@ class TrainerConfig:
     target_modules: list = setting(["q_proj", "k_proj", "v_proj", "o_proj"],
                                    "Module names that get LoRA adapters (Llama/SmolLM names by default).")
     # -- gates ------------------------------------------------------------------
-    max_kl: float = setting(0.5, "Gate: mean per-token KL(candidate ‖ base) on the probe prompts, in nats, "
+    max_kl: float = setting(0.1, "Gate: mean per-token KL(candidate ‖ base) on the probe prompts, in nats, "
                             "must stay at or below this.",
                             gt=0, le=100)
     max_repetition: float = setting(0.5, "Gate: mean share of repeated word 3-grams in the probe replies must "

@@ -30,6 +30,7 @@ from bot.store import Version
 from trainer.config import TrainerConfig
 from trainer.data import Example, collate, minibatches, reference_logits, reply_logits, tempered
 from trainer.gates import GateReport, Interrupted, probe_baseline, run_gates
+from trainer.kl_control import KLControl
 from trainer.loss import full_kl, pg_loss, token_logprobs
 from trainer.optim_state import export_adam, import_adam
 
@@ -54,6 +55,9 @@ class TrainStats:
     offpolicy_mean: float = 0.0    # mean |log p_trainer - log p_recorded| per token before the first step
     offpolicy_max: float = 0.0     # its max
     is_truncated: float = 0.0      # share of tokens whose importance weight hit trainer.is_cap
+    kl_coef_last: float = 0.0      # the KL penalty's weight at the last step (trainer/kl_control.py)
+    kl_coef_peak: float = 0.0      # its largest value in the round
+    kl_steps_over: int = 0         # steps whose KL to the base was over the round's target
 
 
 @dataclass
@@ -208,6 +212,7 @@ class Learner:
         prox_cache = self._proximal(model, examples, pad, t.minibatch_size)   # the anchor before any step
         bar = self._bar(t.epochs * math.ceil(len(examples) / t.minibatch_size), desc)
         history: list[dict] = []
+        control = KLControl(t.kl_coef, t.kl_target_share * t.max_kl)
         first_ratio, grad_norm, step = float("nan"), float("nan"), 0
         model.train()
         try:
@@ -219,7 +224,9 @@ class Learner:
                         raise Interrupted(f"stopped at {where}")
                     batch = collate([examples[i] for i in idx], pad)                   # [B, P+T] …
                     proximal = _gather(prox_cache, idx, batch.behaviour_logp)        # [B, T]
-                    out = self._step(model, reference, batch, idx, (ref_cache, proximal), opt, params, t, where)
+                    out = self._step(model, reference, batch, idx, (ref_cache, proximal), opt, params, t, where,
+                                     control.coef)
+                    control.update(out["kl"])
                     if step == 0:
                         first_ratio = out["ratio_mean"]
                     step, grad_norm = step + 1, out["grad_norm"]
@@ -238,6 +245,8 @@ class Learner:
         last = history[-1]
         return TrainStats(loss=last["loss"], kl=last["kl"], pg=last["pg"], clip_frac=last["clip_frac"],
                           first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history,
+                          kl_coef_last=control.coef, kl_coef_peak=control.base * control.peak,
+                          kl_steps_over=control.steps_over,
                           optimizer=export_adam(model, opt) if t.keep_optimizer and not t.full_finetune else {},
                           **_offpolicy_gap(prox_cache, examples, t.is_cap))
 
@@ -254,8 +263,9 @@ class Learner:
         return opt
 
     def _step(self, model, reference, batch, idx: list[int], caches: tuple[dict, torch.Tensor], opt, params: list,
-              t: TrainerConfig, where: str) -> dict[str, float]:
-        """One minibatch: forward, loss, backward, clip the grad norm, AdamW step.
+              t: TrainerConfig, where: str, kl_coef: float) -> dict[str, float]:
+        """One minibatch: forward, loss, backward, clip the grad norm, AdamW step, with the KL
+        penalty weighted ``kl_coef`` (the round's controller, trainer/kl_control.py).
 
         ``caches``: the reference logprobs cache and this batch's proximal logprobs [B, T].
         A NaN/inf loss, gradient norm or weight raises NonFinite (``where`` names the step).
@@ -264,7 +274,7 @@ class Learner:
         ref_cache, proximal = caches
         new_logp, ref_logp, kl_tokens = self._logprobs(model, reference, batch, idx, ref_cache, t.kl_estimator)
         parts = pg_loss(new_logp, batch.behaviour_logp, ref_logp, batch.advantages, batch.mask,
-                        clip_eps=t.clip_eps, kl_coef=t.kl_coef, kl_tokens=kl_tokens, proximal_logp=proximal,
+                        clip_eps=t.clip_eps, kl_coef=kl_coef, kl_tokens=kl_tokens, proximal_logp=proximal,
                         is_cap=t.is_cap)
         loss = float(parts.loss.detach())
         if not _finite(loss):

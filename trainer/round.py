@@ -348,6 +348,7 @@ def _metrics(r: _Round, cand: Candidate, stats: TrainStats, report: GateReport) 
             "loss": stats.loss, "train_kl": stats.kl, "pg": stats.pg, "clip_frac": stats.clip_frac,
             "first_ratio": stats.first_ratio, "grad_norm": stats.grad_norm, "steps": stats.steps,
             "offpolicy_mean": stats.offpolicy_mean, "offpolicy_max": stats.offpolicy_max,
-            "is_truncated": stats.is_truncated,
+            "is_truncated": stats.is_truncated, "kl_coef_last": stats.kl_coef_last,
+            "kl_coef_peak": stats.kl_coef_peak, "kl_steps_over": stats.kl_steps_over,
             "n_explored": len(r.explored), **r.rm_report, "round_id": r.round_id,   # trainer/recover.py
             "kind": cand.kind, "start": cand.note, "seconds": r.timings, **report.as_metrics()}

@@ -260,7 +260,9 @@ async def _train_and_swap(sim: _Sim) -> dict:
     m = v.metrics if v else {}
     return {"status": res.status, "version": res.version, "kl": res.kl, "loss": res.loss,
             "n_replies": res.n_replies, "mean_reward": res.mean_reward, "reason": res.reason,
-            "train_kl": m.get("train_kl"), "clip_frac": m.get("clip_frac"),
+            "train_kl": m.get("train_kl"), "clip_frac": m.get("clip_frac"), "steps": m.get("steps"),
+            "kl_coef_last": m.get("kl_coef_last"),
+            "kl_coef_peak": m.get("kl_coef_peak"), "kl_steps_over": m.get("kl_steps_over"),
             "probe_repetition": m.get("probe_repetition"),
             "probe_empty_share": m.get("probe_empty_share"),
             "probe_spam_share": m.get("probe_spam_share"), "n_degenerate": m.get("n_degenerate"),
