@@ -47,8 +47,7 @@ class TrainerConfig:
                                       "whatever its votes, so the model never learns that spam pleases.")
     lr: float = setting(2e-4, "AdamW learning rate.", gt=0, le=0.01, hint="1e-4 to 5e-4 suits LoRA")
     weight_decay: float = setting(0.0, "AdamW weight decay.", ge=0, le=1)
-    epochs: int = setting(1, "Passes over the round's replies (each round learns again from the earlier rounds' "
-                          "replies in its window, so one pass a round already reuses every vote).", ge=1, le=1000)
+    epochs: int = setting(2, "Passes over the round's replies.", ge=1, le=1000)
     minibatch_size: int = setting(8, "Replies per optimizer step.", ge=1, le=1024)
     clip_eps: float = setting(0.2, "PPO clip range: the ratio new/behaviour policy is clipped to 1 ± clip_eps.",
                               gt=0, lt=1, hint="0.2 is usual")
