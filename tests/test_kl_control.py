@@ -19,7 +19,7 @@ def test_the_weight_grows_while_over_and_falls_back_to_kl_coef():
     assert c.update(0.14) == pytest.approx(0.05 * math.e)          # twice the target: ×e
     assert c.update(1.0) == pytest.approx(0.05 * math.e ** 2)      # far over: still ×e (clipped)
     assert c.update(0.07 * 1.5) == pytest.approx(0.05 * math.e ** 2.5)
-    assert c.steps_over == 3 and c.peak == pytest.approx(math.e ** 2.5)
+    assert c.steps_over == 3 and c.peak == pytest.approx(math.e ** 2)     # the weight the 3rd step used
     for _ in range(5):
         c.update(0.0)                                              # under: ×1/e per step, never below kl_coef
     assert c.coef == pytest.approx(0.05)
@@ -65,3 +65,10 @@ async def test_a_round_over_its_budget_raises_the_penalty_and_ends_closer_to_the
     assert held["kl_steps_over"] > 0
     assert held["kl_coef_peak"] > 2 * tcfg.kl_coef
     assert held["train_kl"] < 0.75 * free["train_kl"], (held["train_kl"], free["train_kl"])
+
+
+def test_no_penalty_means_no_control():
+    c = KLControl(0.0, 0.07)
+    for _ in range(3):
+        assert c.update(1.0) == 0.0
+    assert c.steps_over == 0 and c.peak == 1.0

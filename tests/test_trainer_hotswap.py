@@ -100,7 +100,7 @@ async def test_rollback_and_rejected_versions(tmp_path, tiny_model_dir, store_fo
         rid = await core.on_message(Message("console", "m1", "c", "u", "u", "hello", **CONSOLE), [], send)
         assert (await store.get_reply(rid)).version == 1
 
-        strict = dataclasses.replace(tcfg, max_kl=1e-9)
+        strict = dataclasses.replace(tcfg, max_kl=1e-9, kl_target_share=0.0)
         rejected = await run_round(store, cfg, strict, learner, use_all=True)
         assert rejected.status == "rejected" and rejected.version == 3 and rejected.parent == 1
         out = await core.on_command(Command("console", "c", "admin", "rollback", {"version": 3}, is_platform_admin=True))

@@ -184,7 +184,7 @@ async def test_stop_event_aborts_mid_training(tmp_path, tiny_model_dir, store_fo
 
 
 async def test_gate_rejects_a_candidate_that_drifts_too_far(tmp_path, tiny_model_dir, store_for):
-    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"max_kl": 1e-9})
+    cfg = tiny_config(tmp_path, tiny_model_dir, trainer={"max_kl": 1e-9, "kl_target_share": 0.0})
     tcfg = trainer_config(cfg)
     store = await store_for(cfg)
     learner = Learner(cfg, tcfg)

@@ -32,7 +32,7 @@ async def test_scheduled_rounds_wait_for_enough_new_settled_ratings(tmp_path, ti
     assert len(await store.rounds()) == 1
 
     # a rejected round is not repeated on the same ratings every interval
-    trainer.tcfg = dataclasses.replace(trainer.tcfg, max_kl=1e-9, settle_seconds=0.0)
+    trainer.tcfg = dataclasses.replace(trainer.tcfg, max_kl=1e-9, kl_target_share=0.0, settle_seconds=0.0)
     await rate(store, [1.0, -1.0, 1.0, -1.0])
     await trainer.scheduled_round()
     assert [r["status"] for r in await store.rounds()][-1] == "rejected"

@@ -61,7 +61,8 @@ class TrainerConfig:
     kl_target_share: float = setting(0.7, "A round's KL budget, as a share of max_kl: while the training replies' "
                                      "KL to the base is over kl_target_share × max_kl, the KL penalty's weight "
                                      "grows step by step (and falls back to kl_coef once it is under; "
-                                     "trainer/kl_control.py), so the candidate stays inside the gate.",
+                                     "trainer/kl_control.py), to keep the candidate under the gate. 0 turns it "
+                                     "off (so do kl_coef = 0 and kl_estimator = \"k3\").",
                                      ge=0, le=10, hint="0 turns the control off; under 1 leaves the gate a margin")
     kl_estimator: str = setting("full", 'How the KL penalty is computed at each reply position: "full" (exact, '
                                 "summed over the vocabulary: no heavy tail, what the gate measures) or \"k3\" (the "

@@ -63,7 +63,7 @@ class ProbeBaseline:
 @dataclass
 class GateReport:
     passed: bool
-    reason: str                 # '' when passed; otherwise e.g. "KL 0.91 > 0.5"
+    reason: str                 # '' when passed; otherwise e.g. "KL 0.91 > 0.1"
     kl: float
     repetition: float
     empty_share: float = 0.0

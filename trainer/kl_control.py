@@ -20,7 +20,11 @@ versions): a round that starts over the target (an older version, a different
 ``max_kl``) raises the weight within a few steps and pulls back toward the base.
 
 The KL it reads is the loss's own (trainer/loss.py ``full_kl``): the exact KL to the base
-over the vocabulary at the positions of the batch's reply tokens. On the probe prompts the
+over the vocabulary at the positions of the batch's reply tokens. With ``kl_estimator = "k3"``
+the loss's number is the heavy-tailed sampled-token estimate (epoch means over 100 where the
+exact KL was 0.05, docs/LEARNING.md), which would drive the weight to its cap within a few
+steps, so the learner turns the control off there (target 0); ``kl_coef = 0`` (no penalty)
+turns it off too. On the probe prompts the
 gate measures about 1.1× that number (round 6 of the window run: 0.141 at the gate, 0.127
 in training), so the target sits below the gate (``kl_target_share``, 0.7 by default).
 """
@@ -37,10 +41,10 @@ MAX_SCALE = 1000.0      # the weight grows at most to kl_coef × this (0.05 → 
 
 @dataclass
 class KLControl:
-    base: float               # trainer.kl_coef: the weight at and under the target
+    base: float               # trainer.kl_coef: the weight at and under the target; 0: off
     target: float             # nats per token; <= 0 or inf turns the control off
     scale: float = 1.0        # current weight = base × scale
-    peak: float = 1.0         # the largest scale reached
+    peak: float = 1.0         # the largest scale a step used
     steps_over: int = 0       # updates that saw the KL over the target
     steps: int = 0
 
@@ -49,13 +53,13 @@ class KLControl:
         return self.base * self.scale
 
     def update(self, kl: float) -> float:
-        """Record one step's KL; returns the weight for the next step."""
+        """Record the KL of a step taken with ``coef``; returns the weight for the next step."""
         self.steps += 1
-        if not (self.target > 0 and math.isfinite(self.target) and math.isfinite(kl)):
+        if not (self.base > 0 and self.target > 0 and math.isfinite(self.target) and math.isfinite(kl)):
             return self.coef
         if kl > self.target:
             self.steps_over += 1
         error = max(-1.0, min(1.0, kl / self.target - 1.0))
+        self.peak = max(self.peak, self.scale)          # the scale this step was taken with
         self.scale = min(MAX_SCALE, max(1.0, self.scale * math.exp(error)))
-        self.peak = max(self.peak, self.scale)
         return self.coef

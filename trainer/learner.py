@@ -55,7 +55,7 @@ class TrainStats:
     offpolicy_mean: float = 0.0    # mean |log p_trainer - log p_recorded| per token before the first step
     offpolicy_max: float = 0.0     # its max
     is_truncated: float = 0.0      # share of tokens whose importance weight hit trainer.is_cap
-    kl_coef_last: float = 0.0      # the KL penalty's weight at the last step (trainer/kl_control.py)
+    kl_coef_last: float = 0.0      # the KL penalty's weight the last step used (trainer/kl_control.py)
     kl_coef_peak: float = 0.0      # its largest value in the round
     kl_steps_over: int = 0         # steps whose KL to the base was over the round's target
 
@@ -212,7 +212,7 @@ class Learner:
         prox_cache = self._proximal(model, examples, pad, t.minibatch_size)   # the anchor before any step
         bar = self._bar(t.epochs * math.ceil(len(examples) / t.minibatch_size), desc)
         history: list[dict] = []
-        control = KLControl(t.kl_coef, t.kl_target_share * t.max_kl)
+        control = KLControl(t.kl_coef, t.kl_target_share * t.max_kl if t.kl_estimator == "full" else 0.0)
         first_ratio, grad_norm, step = float("nan"), float("nan"), 0
         model.train()
         try:
@@ -224,8 +224,9 @@ class Learner:
                         raise Interrupted(f"stopped at {where}")
                     batch = collate([examples[i] for i in idx], pad)                   # [B, P+T] …
                     proximal = _gather(prox_cache, idx, batch.behaviour_logp)        # [B, T]
+                    kl_coef = control.coef
                     out = self._step(model, reference, batch, idx, (ref_cache, proximal), opt, params, t, where,
-                                     control.coef)
+                                     kl_coef)
                     control.update(out["kl"])
                     if step == 0:
                         first_ratio = out["ratio_mean"]
@@ -245,7 +246,7 @@ class Learner:
         last = history[-1]
         return TrainStats(loss=last["loss"], kl=last["kl"], pg=last["pg"], clip_frac=last["clip_frac"],
                           first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history,
-                          kl_coef_last=control.coef, kl_coef_peak=control.base * control.peak,
+                          kl_coef_last=kl_coef if step else t.kl_coef, kl_coef_peak=control.base * control.peak,
                           kl_steps_over=control.steps_over,
                           optimizer=export_adam(model, opt) if t.keep_optimizer and not t.full_finetune else {},
                           **_offpolicy_gap(prox_cache, examples, t.is_cap))

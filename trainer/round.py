@@ -16,7 +16,8 @@
              prompts from the candidate, score them, RLOO advantages (trainer/explore.py).
 3. train     epochs × shuffled minibatches: recompute log π_θ of the recorded tokens at
              each reply's own temperature, the reference without grad, PPO-clip + KL
-             loss (trainer/loss.py; the KL exact over the vocabulary by default),
+             loss (trainer/loss.py; the KL exact over the vocabulary by default, its weight
+             raised while the KL is over the round's budget: trainer/kl_control.py),
              backward, clip the grad norm, AdamW step; over the voted replies and the
              explored samples together.
              A NaN/inf anywhere, or the stop event, aborts: nothing is published.
