@@ -24,9 +24,9 @@ over the vocabulary at the positions of the batch's reply tokens. With ``kl_esti
 the loss's number is the heavy-tailed sampled-token estimate (epoch means over 100 where the
 exact KL was 0.05, docs/LEARNING.md), which would drive the weight to its cap within a few
 steps, so the learner turns the control off there (target 0); ``kl_coef = 0`` (no penalty)
-turns it off too. On the probe prompts the
-gate measures about 1.1× that number (round 6 of the window run: 0.141 at the gate, 0.127
-in training), so the target sits below the gate (``kl_target_share``, 0.7 by default).
+turns it off too. On the probe prompts the gate measures about 1.1× that number (round 6
+of the window run: 0.141 at the gate, 0.127 in training), so the target sits below the gate
+(``kl_target_share``, 0.7 by default).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class KLControl:
     target: float             # nats per token; <= 0 or inf turns the control off
     scale: float = 1.0        # current weight = base × scale
     peak: float = 1.0         # the largest scale a step used
+    last: float = 1.0         # the scale the last step used
     steps_over: int = 0       # updates that saw the KL over the target
     steps: int = 0
 
@@ -55,11 +56,12 @@ class KLControl:
     def update(self, kl: float) -> float:
         """Record the KL of a step taken with ``coef``; returns the weight for the next step."""
         self.steps += 1
+        self.last = self.scale                          # the scale this step was taken with
         if not (self.base > 0 and self.target > 0 and math.isfinite(self.target) and math.isfinite(kl)):
             return self.coef
         if kl > self.target:
             self.steps_over += 1
         error = max(-1.0, min(1.0, kl / self.target - 1.0))
-        self.peak = max(self.peak, self.scale)          # the scale this step was taken with
+        self.peak = max(self.peak, self.scale)
         self.scale = min(MAX_SCALE, max(1.0, self.scale * math.exp(error)))
         return self.coef

@@ -224,9 +224,8 @@ class Learner:
                         raise Interrupted(f"stopped at {where}")
                     batch = collate([examples[i] for i in idx], pad)                   # [B, P+T] …
                     proximal = _gather(prox_cache, idx, batch.behaviour_logp)        # [B, T]
-                    kl_coef = control.coef
                     out = self._step(model, reference, batch, idx, (ref_cache, proximal), opt, params, t, where,
-                                     kl_coef)
+                                     control.coef)
                     control.update(out["kl"])
                     if step == 0:
                         first_ratio = out["ratio_mean"]
@@ -246,7 +245,7 @@ class Learner:
         last = history[-1]
         return TrainStats(loss=last["loss"], kl=last["kl"], pg=last["pg"], clip_frac=last["clip_frac"],
                           first_ratio=first_ratio, grad_norm=grad_norm, steps=step, history=history,
-                          kl_coef_last=kl_coef if step else t.kl_coef, kl_coef_peak=control.base * control.peak,
+                          kl_coef_last=control.base * control.last, kl_coef_peak=control.base * control.peak,
                           kl_steps_over=control.steps_over,
                           optimizer=export_adam(model, opt) if t.keep_optimizer and not t.full_finetune else {},
                           **_offpolicy_gap(prox_cache, examples, t.is_cap))
